@@ -1,0 +1,245 @@
+// ATen adapters of the bitnet:: operators: every schema is declared here, once.
+// Each adapter checks its arguments (messages a user can act on), makes inputs contiguous,
+// allocates outputs and scratch, splits the work over torch's intra-op thread pool and calls
+// the torch-free kernels of the selected ISA (kernels.h, cpu_features.h).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu_features.h"
+#include "kernels.h"
+
+namespace tbn {
+namespace {
+
+constexpr int64_t kBlockK = 256;
+constexpr int64_t kMaxInFeatures = int64_t(1) << 17;  // |acc| <= 128 K <= 2^24: exact in float32
+// Output rows handed to a thread at a time: a multiple of every kernel's NR.
+constexpr int64_t kRowTile = 16;
+
+int64_t pad_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
+
+DType dtype_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kBFloat16:
+      return DType::BF16;
+    case at::kHalf:
+      return DType::F16;
+    default:
+      TORCH_CHECK_TYPE(false, "bitnet: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_sizes(int64_t in_features, int64_t out_features) {
+  TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1,
+                    "bitnet: in_features and out_features must be >= 1, got in_features=", in_features,
+                    ", out_features=", out_features);
+  TORCH_CHECK_VALUE(in_features <= kMaxInFeatures, "bitnet: in_features=", in_features,
+                    " exceeds the supported maximum ", kMaxInFeatures);
+}
+
+void check_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "bitnet: ", what, " must be on the CPU, got device ", t.device());
+}
+
+void check_input(const at::Tensor& x, int64_t in_features, const char* what) {
+  check_cpu(x, what);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "bitnet: ", what, " must have at least 1 dimension, got a 0-d tensor");
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, "bitnet: ", what, " has ", x.size(-1),
+                    " features in its last dimension, expected in_features=", in_features);
+}
+
+void check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
+  check_cpu(packed, "packed weight");
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "bitnet: packed weight must be uint8, got ",
+                   packed.scalar_type());
+  const int64_t row_bytes = pad_k(in_features) / 4;
+  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) == out_features && packed.size(1) == row_bytes,
+                    "bitnet: packed weight has shape ", packed.sizes(), ", expected [", out_features, ", ",
+                    row_bytes, "] for in_features=", in_features, ", out_features=", out_features);
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+// Quantize a contiguous (M, K) float matrix into xq (M, Kp) with scales a and row sums.
+void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* xq, float* a, int32_t* xsum) {
+  const Kernels& kern = kernels();
+  const DType dt = dtype_of(x2d, "input");
+  const void* src = x2d.data_ptr();
+  const int64_t m = x2d.size(0);
+  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 16) / k), [&](int64_t m0, int64_t m1) {
+    quantize_rows(kern, src, dt, k, m0, m1, k, k_pad, xq, k_pad, a, xsum);
+  });
+}
+
+// Run p over all N output rows, in row tiles spread over the thread pool. The grain keeps
+// at least ~1M multiply-adds per task so small layers do not pay for waking threads.
+void gemm_parallel(const GemmProblem& p, int64_t n) {
+  const Kernels& kern = kernels();
+  const int64_t tiles = (n + kRowTile - 1) / kRowTile;
+  const int64_t work_per_tile = std::max<int64_t>(1, p.m * p.k_pad * kRowTile);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_tile);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    kern.gemm(p, t0 * kRowTile, std::min(n, t1 * kRowTile));
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x) {
+  check_cpu(x, "quantize_act input");
+  dtype_of(x, "quantize_act input");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1,
+                    "bitnet: quantize_act input needs a non-empty last dimension, got shape ", x.sizes());
+  auto xq = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto a = at::empty(with_last(x.sizes(), 1), x.options().dtype(at::kFloat));
+  const int64_t k = x.size(-1);
+  if (x.numel() == 0) return {xq, a};
+  const auto x2d = x.contiguous().view({-1, k});
+  quantize_parallel(x2d, k, k, xq.data_ptr<int8_t>(), a.data_ptr<float>(), nullptr);
+  return {xq, a};
+}
+
+at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_t in_features,
+                          int64_t out_features) {
+  check_sizes(in_features, out_features);
+  check_input(xq, in_features, "ternary_mm input");
+  TORCH_CHECK_TYPE(xq.scalar_type() == at::kChar, "bitnet: ternary_mm input must be int8, got ", xq.scalar_type());
+  check_packed(packed, in_features, out_features);
+  auto out = at::empty(with_last(xq.sizes(), out_features), xq.options().dtype(at::kInt));
+  const int64_t m = xq.numel() / in_features;
+  if (m == 0) return out;
+  const int64_t k_pad = pad_k(in_features);
+  // The kernels read Kp activations per row, zero beyond K.
+  auto x2d = xq.reshape({m, in_features});
+  if (k_pad != in_features) x2d = at::constant_pad_nd(x2d, {0, k_pad - in_features}, 0);
+  x2d = x2d.contiguous();
+  auto xsum = x2d.sum(1, /*keepdim=*/false, at::kInt);
+  GemmProblem p;
+  p.xq = x2d.data_ptr<int8_t>();
+  p.ldq = k_pad;
+  p.xsum = xsum.data_ptr<int32_t>();
+  const auto w = packed.contiguous();
+  p.w = w.data_ptr<uint8_t>();
+  p.ldw = k_pad / 4;
+  p.m = m;
+  p.k_pad = k_pad;
+  p.ep.acc = out.data_ptr<int32_t>();
+  p.ep.ld = out_features;
+  gemm_parallel(p, out_features);
+  return out;
+}
+
+at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
+  check_sizes(in_features, out_features);
+  const DType dt = dtype_of(x, "bitlinear input");
+  check_input(x, in_features, "bitlinear input");
+  check_packed(packed, in_features, out_features);
+  check_cpu(scale, "weight scale");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.numel() == 1,
+                    "bitnet: weight scale must be a float32 tensor with one element, got ", scale.scalar_type(),
+                    " of shape ", scale.sizes());
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    dtype_of(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bitnet: bias has shape ",
+                      bias->sizes(), ", expected [", out_features, "]");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  auto out = at::empty(with_last(x.sizes(), out_features), x.options());
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+
+  const int64_t k_pad = pad_k(in_features);
+  const auto x2d = x.contiguous().view({m, in_features});
+  // One scratch allocation: xq (M, Kp) int8, then a, factor (M) float and xsum (M) int32.
+  auto scratch = at::empty({m * k_pad + 12 * m + 64}, x.options().dtype(at::kByte));
+  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
+  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
+  float* factor = a + m;
+  int32_t* xsum = reinterpret_cast<int32_t*>(factor + m);
+  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
+  const float s = scale.item<float>();
+  for (int64_t i = 0; i < m; ++i) factor[i] = s / a[i];
+
+  GemmProblem p;
+  p.xq = xq;
+  p.ldq = k_pad;
+  p.xsum = xsum;
+  const auto w = packed.contiguous();
+  p.w = w.data_ptr<uint8_t>();
+  p.ldw = k_pad / 4;
+  p.m = m;
+  p.k_pad = k_pad;
+  p.ep.out = out.data_ptr();
+  p.ep.out_dtype = dt;
+  p.ep.row_factor = factor;
+  p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.ep.ld = out_features;
+  gemm_parallel(p, out_features);
+  return out;
+}
+
+at::Tensor stream_max_cpu(const at::Tensor& buf) {
+  check_cpu(buf, "stream_max input");
+  TORCH_CHECK_TYPE(buf.scalar_type() == at::kByte, "bitnet: stream_max expects a uint8 tensor, got ",
+                   buf.scalar_type());
+  const auto b = buf.contiguous();
+  const uint8_t* data = b.data_ptr<uint8_t>();
+  const int64_t n = b.numel();
+  const Kernels& kern = kernels();
+  // One partial maximum per 1 MiB chunk, reduced at the end.
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<uint8_t> partial(size_t(std::max<int64_t>(chunks, 1)), 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      partial[c] = kern.stream_max(data + c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+  const uint8_t mx = *std::max_element(partial.begin(), partial.end());
+  return at::full({}, mx, buf.options());
+}
+
+std::vector<std::string> supported_isas_op() { return supported_isa_names(); }
+std::string get_isa_op() { return current_isa_name(); }
+void set_isa_op(const std::string& name) { select_isa(name); }
+
+}  // namespace
+}  // namespace tbn
+
+TORCH_LIBRARY(bitnet, m) {
+  m.def("quantize_act(Tensor x) -> (Tensor, Tensor)");
+  m.def("ternary_mm(Tensor xq, Tensor packed, int in_features, int out_features) -> Tensor");
+  m.def(
+      "bitlinear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int out_features) "
+      "-> Tensor");
+  m.def("stream_max(Tensor buf) -> Tensor");
+  // Kernel-path control (no tensors, so they are not traced by torch.compile).
+  m.def("supported_isas() -> str[]", &tbn::supported_isas_op);
+  m.def("get_isa() -> str", &tbn::get_isa_op);
+  m.def("set_isa(str isa) -> ()", &tbn::set_isa_op);
+}
+
+TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
+  m.impl("quantize_act", &tbn::quantize_act_cpu);
+  m.impl("ternary_mm", &tbn::ternary_mm_cpu);
+  m.impl("bitlinear", &tbn::bitlinear_cpu);
+  m.impl("stream_max", &tbn::stream_max_cpu);
+}
+
+// The library is imported as the Python module torch_bitnet._C; importing it runs the
+// registrations above. It defines no Python functions of its own.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

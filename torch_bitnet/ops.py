@@ -1,0 +1,168 @@
+"""Typed wrappers and fake (meta) kernels for the ``bitnet::`` operators.
+
+The schemas are declared once, in ``csrc/ops.cpp``; this file only adds Python entry
+points with docstrings and the fake kernels ``torch.compile`` traces through. Fake kernels
+never read tensor data (packed weights are opaque); they repeat the C++ argument checks so
+that a compiled model fails at trace time with the same message as in eager mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the bitnet:: ops)
+except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "torch_bitnet: the C++ extension torch_bitnet._C could not be loaded "
+        f"({err}). It must be built against the installed torch "
+        f"({torch.__version__}); rebuild it from the source tree with "
+        "`pip install --no-build-isolation -e .`"
+    ) from err
+
+from .packing import MAX_IN_FEATURES, padded_in_features
+
+__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_sizes(in_features: int, out_features: int) -> None:
+    if in_features < 1 or out_features < 1:
+        raise ValueError(
+            f"bitnet: in_features and out_features must be >= 1, got in_features={in_features}, "
+            f"out_features={out_features}"
+        )
+    if in_features > MAX_IN_FEATURES:
+        raise ValueError(f"bitnet: in_features={in_features} exceeds the supported maximum {MAX_IN_FEATURES}")
+
+
+def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"bitnet: packed weight must be uint8, got {packed.dtype}")
+    expected = (out_features, padded_in_features(in_features) // 4)
+    if tuple(packed.shape) != expected:
+        raise ValueError(
+            f"bitnet: packed weight has shape {tuple(packed.shape)}, expected {expected} for "
+            f"in_features={in_features}, out_features={out_features}"
+        )
+
+
+def _check_input(x: torch.Tensor, in_features: int, what: str) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"bitnet: {what} must have at least 1 dimension, got a 0-d tensor")
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"bitnet: {what} has {x.shape[-1]} features in its last dimension, expected in_features={in_features}"
+        )
+
+
+def _check_bitlinear(x, packed, scale, bias, in_features, out_features) -> None:
+    _check_sizes(in_features, out_features)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: bitlinear input must be float32, bfloat16 or float16, got {x.dtype}")
+    _check_input(x, in_features, "bitlinear input")
+    _check_packed(packed, in_features, out_features)
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(
+            f"bitnet: weight scale must be a float32 tensor with one element, got {scale.dtype} of shape "
+            f"{tuple(scale.shape)}"
+        )
+    if bias is not None:
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bitnet: bias must be float32, bfloat16 or float16, got {bias.dtype}")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+
+
+@torch.library.register_fake("bitnet::quantize_act")
+def _quantize_act_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: quantize_act input must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"bitnet: quantize_act input needs a non-empty last dimension, got shape {tuple(x.shape)}")
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device),
+    )
+
+
+@torch.library.register_fake("bitnet::ternary_mm")
+def _ternary_mm_fake(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    _check_sizes(in_features, out_features)
+    if xq.dtype != torch.int8:
+        raise TypeError(f"bitnet: ternary_mm input must be int8, got {xq.dtype}")
+    _check_input(xq, in_features, "ternary_mm input")
+    _check_packed(packed, in_features, out_features)
+    return torch.empty((*xq.shape[:-1], out_features), dtype=torch.int32, device=xq.device)
+
+
+@torch.library.register_fake("bitnet::bitlinear")
+def _bitlinear_fake(x, packed, scale, bias, in_features: int, out_features: int) -> torch.Tensor:
+    _check_bitlinear(x, packed, scale, bias, in_features, out_features)
+    return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bitnet::stream_max")
+def _stream_max_fake(buf: torch.Tensor) -> torch.Tensor:
+    if buf.dtype != torch.uint8:
+        raise TypeError(f"bitnet: stream_max expects a uint8 tensor, got {buf.dtype}")
+    return torch.empty((), dtype=torch.uint8, device=buf.device)
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantization of the last dimension.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor of shape (..., K).
+
+    Returns:
+        ``(xq, a)``: int8 (..., K) and float32 (..., 1) with ``xq = round(x * a)``,
+        ``a = 127 / max|x|`` (see :func:`torch_bitnet.reference.quantize_act`; rows with
+        NaN/Inf give ``xq = 0``, ``a = NaN``). Non-contiguous inputs are copied.
+    """
+    return torch.ops.bitnet.quantize_act.default(x)
+
+
+def ternary_mm(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Exact integer matmul of int8 activations with a packed ternary weight.
+
+    Args:
+        xq: int8 tensor (..., in_features).
+        packed: uint8 (out_features, ceil(in_features / 256) * 64), see :mod:`torch_bitnet.packing`.
+        in_features, out_features: the logical weight size K, N.
+
+    Returns:
+        int32 tensor (..., out_features), equal bit for bit to ``xq @ W^T``.
+    """
+    return torch.ops.bitnet.ternary_mm.default(xq, packed, in_features, out_features)
+
+
+def bitlinear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """BitNet b1.58 linear layer (ternary weight, int8 activations quantized inside).
+
+    Args:
+        x: float32, bfloat16 or float16 tensor (..., in_features); any leading shape, M = 0 allowed.
+        packed: uint8 packed ternary weight (out_features, ceil(in_features / 256) * 64).
+        scale: float32 tensor with one element; the weight is ``W_ternary * scale``.
+        bias: optional (out_features,) float tensor, added in float32.
+        in_features, out_features: logical sizes K, N (so fake kernels never read ``packed``).
+
+    Returns:
+        Tensor (..., out_features) in ``x.dtype``: ``acc * (scale / a) + bias`` computed in float32
+        and rounded once, where ``acc`` is the exact int32 product of the quantized input
+        with the ternary weight (see :func:`torch_bitnet.reference.bitlinear`).
+    """
+    return torch.ops.bitnet.bitlinear.default(x, packed, scale, bias, in_features, out_features)
+
+
+def stream_max(buf: torch.Tensor) -> torch.Tensor:
+    """Maximum of a uint8 tensor, read once with the widest vector loads (a bandwidth yardstick)."""
+    return torch.ops.bitnet.stream_max.default(buf)

@@ -17,6 +17,8 @@
 
 #define TB_AVX2 __attribute__((target("avx2")))
 #define TB_AVX2_INLINE TB_AVX2 inline __attribute__((always_inline))
+// Loops over tile rows/tokens are unrolled early ("#pragma GCC unroll") so the accumulator
+// arrays live in registers (see kernels_avx512.cpp).
 
 namespace tbn {
 namespace {
@@ -55,6 +57,7 @@ TB_AVX2 float quantize_row_avx2(const float* x, int64_t k, int64_t k_pad, int8_t
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
     __m256i q[4];
+    #pragma GCC unroll 16
     for (int j = 0; j < 4; ++j) {
       const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), va);
       q[j] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -98,13 +101,16 @@ template <int H, int MR, int NR>
 TB_AVX2_INLINE void block_half(__m256i (&part)[MR][NR], const uint8_t* wb, int64_t ldw, const int8_t* xb,
                                int64_t ldq) {
   __m256i wv[NR];
+  #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * ldw + 32 * H));
+  #pragma GCC unroll 16
   for (int t = 0; t < MR; ++t) {
     const int8_t* xt = xb + t * ldq + 32 * H;
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt));
     const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 64));
     const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 128));
     const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 192));
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(plane<0>(wv[r]), x0), _mm256_maddubs_epi16(plane<1>(wv[r]), x1));
       s = _mm256_add_epi16(s, _mm256_maddubs_epi16(plane<2>(wv[r]), x2));
@@ -119,21 +125,29 @@ template <int MR, int NR>
 TB_AVX2 void gemm_tile(const GemmProblem& p, int64_t m, int64_t n) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][NR];
+  #pragma GCC unroll 16
   for (int t = 0; t < MR; ++t)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[t][r] = _mm256_setzero_si256();
   const uint8_t* w = p.w + n * p.ldw;
   const int8_t* x = p.xq + m * p.ldq;
   const int64_t nblk = p.k_pad / 256;
   for (int64_t b = 0; b < nblk; ++b) {
     __m256i part[MR][NR];
+    #pragma GCC unroll 16
     for (int t = 0; t < MR; ++t)
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) part[t][r] = _mm256_setzero_si256();
     block_half<0>(part, w + 64 * b, p.ldw, x + 256 * b, p.ldq);
     block_half<1>(part, w + 64 * b, p.ldw, x + 256 * b, p.ldq);
+    #pragma GCC unroll 16
     for (int t = 0; t < MR; ++t)
+      #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) acc[t][r] = _mm256_add_epi32(acc[t][r], _mm256_madd_epi16(part[t][r], ones));
   }
+  #pragma GCC unroll 16
   for (int t = 0; t < MR; ++t)
+    #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) store_result(p, m + t, n + r, hsum_epi32(acc[t][r]));
 }
 

@@ -198,13 +198,12 @@ at::Tensor stream_max_cpu(const at::Tensor& buf) {
   const uint8_t* data = b.data_ptr<uint8_t>();
   const int64_t n = b.numel();
   const Kernels& kern = kernels();
-  // One partial maximum per 1 MiB chunk, reduced at the end.
-  constexpr int64_t kChunk = int64_t(1) << 20;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<uint8_t> partial(size_t(std::max<int64_t>(chunks, 1)), 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      partial[c] = kern.stream_max(data + c * kChunk, std::min(kChunk, n - c * kChunk));
+  // Each thread reads one contiguous range (an equal share of the bytes) and keeps its own
+  // partial maximum; ranges below 256 KiB are not worth a thread.
+  std::vector<uint8_t> partial(size_t(at::get_num_threads()), 0);
+  at::parallel_for(0, n, int64_t(1) << 18, [&](int64_t b0, int64_t b1) {
+    uint8_t& slot = partial[size_t(at::get_thread_num())];
+    slot = std::max(slot, kern.stream_max(data + b0, b1 - b0));
   });
   const uint8_t mx = *std::max_element(partial.begin(), partial.end());
   return at::full({}, mx, buf.options());

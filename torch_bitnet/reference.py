@@ -72,7 +72,7 @@ def bitlinear(
     """
     xq, a = quantize_act(x)
     acc = ternary_mm(xq, packed, in_features, out_features)
-    y = acc.float() * (scale.float() / a)
+    y = acc.float() * (scale.float().reshape(()) / a)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -12,9 +12,6 @@
 #include "kernels.h"
 
 #define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#ifndef TB_PREFETCH_AHEAD
-#define TB_PREFETCH_AHEAD 4096
-#endif
 #define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
 // Every loop over tile rows/tokens/planes below is unrolled with "#pragma GCC unroll": unrolled
 // early, GCC keeps the accumulator arrays in registers; unrolled late, it keeps a copy of
@@ -62,6 +59,8 @@ TB_AVX512 float quantize_row_avx512(const float* x, int64_t k, int64_t k_pad, in
   return a;
 }
 
+constexpr int64_t kPrefetchAhead = 8192;
+
 // Decode kernel: one token against NR output rows. The code planes are isolated with a
 // single AND each (no shift): plane i then holds u * 4^i, so it gets its own accumulator
 // and is scaled back (exactly: every product is a multiple of 4^i) after the K loop.
@@ -80,8 +79,9 @@ TB_AVX512 void gemv_tile(const GemmProblem& p, int64_t m, int64_t n) {
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
   // The NR rows are one contiguous range of NR * ldw bytes, read as NR interleaved streams.
   // Prefetch the same amount (NR lines per block) kPrefetchAhead bytes further on, so the
-  // bytes of a later tile arrive in L1 in time; DRAM latency is what limits decode.
-  const char* pf = reinterpret_cast<const char*>(w) + TB_PREFETCH_AHEAD;
+  // bytes of a later tile arrive in L1 in time (8 KiB measured best of 2-8 KiB at the 2B-4T
+  // shapes); DRAM latency, not arithmetic, is what limits decode.
+  const char* pf = reinterpret_cast<const char*>(w) + kPrefetchAhead;
   const int64_t nblk = p.k_pad / 256;
   for (int64_t b = 0; b < nblk; ++b) {
     #pragma GCC unroll 16

@@ -7,6 +7,10 @@ No -march flags: each SIMD path carries its own per-function target attributes a
 chosen at run time, so one build runs on any x86-64 (and builds on ARM, scalar only).
 -ffp-contract=off keeps the float epilogue free of fused multiply-adds, so every path
 rounds exactly like the plain-PyTorch reference.
+
+-fopenmp: at::parallel_for is inlined from ATen's headers and only uses torch's OpenMP
+thread pool when the extension itself is compiled with OpenMP (without it every op runs on
+one thread). The link resolves to the libgomp.so.1 torch has already loaded.
 """
 
 import glob
@@ -23,7 +27,8 @@ setup(
         CppExtension(
             name="torch_bitnet._C",
             sources=sources,
-            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]},
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]},
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -883,3 +883,16 @@ def test_compile_quantize_then_ternary_mm(fresh_dynamo):
         assert torch.equal(acc_c, acc_e)
         assert_bitwise_equal(a_c, a_e)
     assert counter.frame_count == 1
+
+
+def test_backward_raises_a_clear_error():
+    # The ops are inference-only: a backward through them must fail loudly, naming the op,
+    # instead of torch's default "silently incorrect" warning with no gradient.
+    x = torch.randn(2, 300, requires_grad=True)
+    packed = pack_ternary(torch.randint(-1, 2, (8, 300), dtype=torch.int8))
+    y = torch_bitnet.bitlinear(x, packed, torch.tensor([0.5]), None, 300, 8)
+    with pytest.raises(RuntimeError, match="bitnet::bitlinear is an inference op"):
+        y.sum().backward()
+    _, a = torch_bitnet.quantize_act(x)
+    with pytest.raises(RuntimeError, match="bitnet::quantize_act is an inference op"):
+        a.sum().backward()

@@ -110,6 +110,26 @@ def _stream_max_fake(buf: torch.Tensor) -> torch.Tensor:
     return torch.empty((), dtype=torch.uint8, device=buf.device)
 
 
+def _no_backward(ctx, *grads):
+    raise RuntimeError(
+        f"bitnet: {ctx.op_name} is an inference op and has no gradient; run the model under "
+        "torch.no_grad() / torch.inference_mode()"
+    )
+
+
+def _register_no_backward(op_name: str) -> None:
+    """A backward through these ops would otherwise only warn and return nothing useful."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = op_name
+
+    torch.library.register_autograd(op_name, _no_backward, setup_context=setup_context)
+
+
+for _name in ("bitnet::quantize_act", "bitnet::bitlinear"):
+    _register_no_backward(_name)
+
+
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 quantization of the last dimension.
 

@@ -138,7 +138,7 @@ def test_pack_unpack_round_trip(n, k, seed, mode, dtype):
     packed = pack_ternary(w)
     assert packed.dtype == torch.uint8
     assert tuple(packed.shape) == packed_shape(n, k)
-    check_packed(packed, n, k)  # must accept what pack_ternary produces
+    check_packed(packed, k, n)  # must accept what pack_ternary produces
     out = unpack_ternary(packed, k)
     assert out.dtype == torch.int8
     assert torch.equal(out, w.to(torch.int8))
@@ -324,22 +324,22 @@ def test_to_hf_packed_needs_rows_divisible_by_4(n):
 
 def test_check_packed_errors():
     good = pack_ternary(torch.zeros((3, 300), dtype=torch.int8))
-    check_packed(good, 3, 300)  # accepted
-    check_packed(good, 3, 257)  # any K with the same Kp is the same shape
+    check_packed(good, 300, 3)  # accepted
+    check_packed(good, 257, 3)  # any K with the same Kp is the same shape
     with pytest.raises(ValueError, match=r"has shape \(3, 128\), expected \(3, 64\)"):
-        check_packed(good, 3, 256)
+        check_packed(good, 256, 3)
     with pytest.raises(ValueError, match=r"expected \(4, 128\)"):
-        check_packed(good, 4, 300)
+        check_packed(good, 300, 4)
     with pytest.raises(ValueError, match=r"expected \(3, 128\)"):
-        check_packed(good.view(3, 64, 2), 3, 300)
+        check_packed(good.view(3, 64, 2), 300, 3)
     with pytest.raises(TypeError, match="must be uint8, got torch.int8"):
-        check_packed(good.view(torch.int8), 3, 300)
+        check_packed(good.view(torch.int8), 300, 3)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        check_packed(good.numpy(), 3, 300)
+        check_packed(good.numpy(), 300, 3)
     with pytest.raises(ValueError, match="must be >= 1"):
-        check_packed(good, 0, 300)
+        check_packed(good, 300, 0)
     with pytest.raises(ValueError, match="exceeds the supported maximum"):
-        check_packed(good, 3, MAX_IN_FEATURES + 1)
+        check_packed(good, MAX_IN_FEATURES + 1, 3)
 
 
 def test_ternarize_errors():

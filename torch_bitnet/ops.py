@@ -20,32 +20,11 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .`"
     ) from err
 
-from .packing import MAX_IN_FEATURES, padded_in_features
+from .packing import check_features, check_packed
 
 __all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_sizes(in_features: int, out_features: int) -> None:
-    if in_features < 1 or out_features < 1:
-        raise ValueError(
-            f"bitnet: in_features and out_features must be >= 1, got in_features={in_features}, "
-            f"out_features={out_features}"
-        )
-    if in_features > MAX_IN_FEATURES:
-        raise ValueError(f"bitnet: in_features={in_features} exceeds the supported maximum {MAX_IN_FEATURES}")
-
-
-def _check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"bitnet: packed weight must be uint8, got {packed.dtype}")
-    expected = (out_features, padded_in_features(in_features) // 4)
-    if tuple(packed.shape) != expected:
-        raise ValueError(
-            f"bitnet: packed weight has shape {tuple(packed.shape)}, expected {expected} for "
-            f"in_features={in_features}, out_features={out_features}"
-        )
 
 
 def _check_input(x: torch.Tensor, in_features: int, what: str) -> None:
@@ -58,11 +37,11 @@ def _check_input(x: torch.Tensor, in_features: int, what: str) -> None:
 
 
 def _check_bitlinear(x, packed, scale, bias, in_features, out_features) -> None:
-    _check_sizes(in_features, out_features)
+    check_features(in_features, out_features)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"bitnet: bitlinear input must be float32, bfloat16 or float16, got {x.dtype}")
     _check_input(x, in_features, "bitlinear input")
-    _check_packed(packed, in_features, out_features)
+    check_packed(packed, in_features, out_features)
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(
             f"bitnet: weight scale must be a float32 tensor with one element, got {scale.dtype} of shape "
@@ -89,11 +68,11 @@ def _quantize_act_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.register_fake("bitnet::ternary_mm")
 def _ternary_mm_fake(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
-    _check_sizes(in_features, out_features)
+    check_features(in_features, out_features)
     if xq.dtype != torch.int8:
         raise TypeError(f"bitnet: ternary_mm input must be int8, got {xq.dtype}")
     _check_input(xq, in_features, "ternary_mm input")
-    _check_packed(packed, in_features, out_features)
+    check_packed(packed, in_features, out_features)
     return torch.empty((*xq.shape[:-1], out_features), dtype=torch.int32, device=xq.device)
 
 

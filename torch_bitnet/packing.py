@@ -38,6 +38,7 @@ __all__ = [
     "ternarize",
     "from_hf_packed",
     "to_hf_packed",
+    "check_features",
     "check_packed",
 ]
 
@@ -58,32 +59,35 @@ def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
     return (out_features, padded_in_features(in_features) // 4)
 
 
-def _check_features(out_features: int, in_features: int) -> None:
-    if out_features < 1 or in_features < 1:
+def check_features(in_features: int, out_features: int) -> None:
+    """Raise ValueError unless (in_features, out_features) is a size the kernels support."""
+    if in_features < 1 or out_features < 1:
         raise ValueError(
-            f"torch_bitnet: out_features and in_features must be >= 1, got "
-            f"out_features={out_features}, in_features={in_features}"
+            f"bitnet: in_features and out_features must be >= 1, got in_features={in_features}, "
+            f"out_features={out_features}"
         )
     if in_features > MAX_IN_FEATURES:
         raise ValueError(
-            f"torch_bitnet: in_features={in_features} exceeds the supported maximum "
-            f"{MAX_IN_FEATURES} (int32 accumulation must stay exact)"
+            f"bitnet: in_features={in_features} exceeds the supported maximum {MAX_IN_FEATURES} "
+            "(int32 accumulation must stay exact)"
         )
 
 
-def check_packed(packed: torch.Tensor, out_features: int, in_features: int) -> None:
-    """Raise ValueError/TypeError unless ``packed`` is a valid packed tensor for the sizes."""
-    _check_features(out_features, in_features)
+def check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
+    """Raise TypeError/ValueError unless ``packed`` is a valid packed weight for the sizes.
+
+    The same checks, with the same messages, as the C++ operators and their fake kernels.
+    """
+    check_features(in_features, out_features)
     if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"torch_bitnet: packed weight must be a torch.Tensor, got {type(packed).__name__}")
+        raise TypeError(f"bitnet: packed weight must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.uint8:
-        raise TypeError(f"torch_bitnet: packed weight must be uint8, got {packed.dtype}")
+        raise TypeError(f"bitnet: packed weight must be uint8, got {packed.dtype}")
     expected = packed_shape(out_features, in_features)
     if tuple(packed.shape) != expected:
         raise ValueError(
-            f"torch_bitnet: packed weight has shape {tuple(packed.shape)}, expected {expected} for "
-            f"out_features={out_features}, in_features={in_features} (K padded to "
-            f"{padded_in_features(in_features)})"
+            f"bitnet: packed weight has shape {tuple(packed.shape)}, expected {expected} for "
+            f"in_features={in_features}, out_features={out_features}"
         )
 
 
@@ -103,7 +107,7 @@ def pack_ternary(w: torch.Tensor) -> torch.Tensor:
     """
     _check_ternary(w, "ternary weight")
     n, k = w.shape
-    _check_features(n, k)
+    check_features(k, n)
     kp = padded_in_features(k)
     codes = torch.ones((n, kp), dtype=torch.uint8, device=w.device)
     codes[:, :k] = (w + 1).to(torch.uint8)
@@ -128,7 +132,7 @@ def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """
     if packed.dim() != 2:
         raise ValueError(f"torch_bitnet: packed weight must be 2-D, got shape {tuple(packed.shape)}")
-    check_packed(packed, packed.shape[0], in_features)
+    check_packed(packed, in_features, packed.shape[0])
     codes = _codes(packed.contiguous())
     if bool((codes == 3).any()):
         raise ValueError("torch_bitnet: packed weight holds the invalid code 3 (only 0, 1, 2 encode -1, 0, +1)")

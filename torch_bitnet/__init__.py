@@ -7,17 +7,29 @@ Public API:
 * the packed weight format: :mod:`torch_bitnet.packing`
 * plain-PyTorch semantics of every op: :mod:`torch_bitnet.reference`
 * SIMD path control: :func:`available_isas`, :func:`get_isa`, :func:`set_isa`, :func:`use_isa`
+* models: :class:`BitLinear` (the module), :func:`patch` (transformers BitNet models),
+  :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
+  :func:`save_pretrained`, :func:`convert_checkpoint`
 """
 
 from . import packing, reference
 from .isa import available_isas, get_isa, set_isa, use_isa
+from .loading import convert_checkpoint, from_pretrained, save_pretrained
+from .nn import BitLinear
 from .ops import bitlinear, quantize_act, stream_max, ternary_mm
 from .packing import from_hf_packed, pack_ternary, ternarize, to_hf_packed, unpack_ternary
+from .patch import patch, replace_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitLinear",
     "available_isas",
+    "convert_checkpoint",
+    "from_pretrained",
+    "patch",
+    "replace_linear",
+    "save_pretrained",
     "bitlinear",
     "from_hf_packed",
     "get_isa",

@@ -1,0 +1,345 @@
+"""Load BitNet checkpoints straight into a patched model, and save it in torch_bitnet's form.
+
+:func:`from_pretrained` reads a directory (or a hub id already in the local Hugging Face
+cache: nothing is downloaded) in any of these layouts:
+
+* microsoft/bitnet-b1.58-2B-4T's: ``config.json`` with ``model_type`` ``bitnet`` and a
+  ``quantization_config`` (``linear_class`` ``autobitlinear``, ``quantization_mode`` ``offline``),
+  safetensors with packed uint8 (out/4, in) BitLinear weights and a ``weight_scale`` each;
+* transformers' ``BitLinear`` layout (``linear_class`` ``bitlinear``: same packing, the scale
+  divides);
+* float master weights (``quantization_mode`` ``online``, the ``-bf16`` repos): ternarized here;
+* torch_bitnet's own (written by :func:`save_pretrained`): already in the kernels' packed
+  form, loaded without any conversion.
+
+The model is built on the ``meta`` device and every tensor is read from the memory-mapped
+safetensors files and converted layer by layer, so no float copy of the BitNet weights
+ever exists (transformers' own offline path unpacks all of them to bf16, ~4.8 GB for 2B-4T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .nn import BitLinear
+from .packing import from_hf_packed, packed_shape, ternarize
+
+__all__ = ["from_pretrained", "save_pretrained", "convert_checkpoint", "resolve_model_path"]
+
+CONFIG_FILE = "config.json"
+#: torch_bitnet's weights file, written by save_pretrained
+PACKED_FILE = "torch_bitnet.safetensors"
+#: config.json entry that marks torch_bitnet's layout
+FORMAT_KEY = "torch_bitnet"
+FORMAT_VERSION = 1
+#: BitLinear layers of every decoder layer of BitNetForCausalLM
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+#: files copied along when converting a checkpoint
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def resolve_model_path(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local directory, or the snapshot of a hub id in the local Hugging Face cache.
+
+    Raises FileNotFoundError if it is neither (torch_bitnet never downloads).
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"torch_bitnet: {path} is a file; pass the checkpoint directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_id), revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as err:
+        raise FileNotFoundError(
+            f"torch_bitnet: {str(path_or_id)!r} is neither a directory nor a model in the local Hugging Face "
+            "cache (torch_bitnet never downloads; fetch it first, e.g. with `hf download`)"
+        ) from err
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"torch_bitnet: {file} is missing; a checkpoint directory needs a config.json")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"torch_bitnet: {file} is not valid JSON ({err})") from err
+    if raw.get("model_type") != "bitnet":
+        raise ValueError(
+            f"torch_bitnet: {file} has model_type {raw.get('model_type')!r}; from_pretrained loads BitNet "
+            "checkpoints (model_type 'bitnet'). For other architectures use transformers plus "
+            "torch_bitnet.replace_linear."
+        )
+    if FORMAT_KEY not in raw:
+        qc = raw.get("quantization_config")
+        if not isinstance(qc, dict) or qc.get("quant_method") != "bitnet":
+            raise ValueError(f"torch_bitnet: {file} has no BitNet quantization_config (quant_method 'bitnet')")
+        if qc.get("linear_class", "bitlinear") not in ("bitlinear", "autobitlinear"):
+            raise ValueError(f"torch_bitnet: {file}: unknown quantization_config.linear_class {qc['linear_class']!r}")
+        if qc.get("quantization_mode", "offline") not in ("offline", "online"):
+            raise ValueError(
+                f"torch_bitnet: {file}: unknown quantization_config.quantization_mode {qc['quantization_mode']!r}"
+            )
+    return raw
+
+
+class _Checkpoint:
+    """The tensors of one checkpoint, over one or several memory-mapped safetensors files."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack, ours: bool) -> None:
+        if ours:
+            files = [path / PACKED_FILE]
+        elif (path / "model.safetensors.index.json").is_file():
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            files = sorted({path / f for f in index["weight_map"].values()})
+        else:
+            files = [path / "model.safetensors"]
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"torch_bitnet: checkpoint file {file} is missing")
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"torch_bitnet: {file} is not a readable safetensors file ({err})") from err
+            self.handles[file] = handle
+            for key in handle.keys():
+                self.where[key] = file
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None, dtypes: tuple[torch.dtype, ...] = ()) -> torch.Tensor:
+        """Read one tensor, checking it exists and has the expected shape and dtype."""
+        if key not in self.where:
+            raise ValueError(f"torch_bitnet: the checkpoint has no tensor {key!r}")
+        file = self.where[key]
+        tensor = self.handles[file].get_tensor(key)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"torch_bitnet: tensor {key!r} in {file.name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+            )
+        if dtypes and tensor.dtype not in dtypes:
+            raise ValueError(
+                f"torch_bitnet: tensor {key!r} in {file.name} has dtype {tensor.dtype}, expected one of "
+                f"{', '.join(str(d) for d in dtypes)}"
+            )
+        self.used.add(key)
+        return tensor
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _load_linear(ckpt: _Checkpoint, prefix: str, layer: BitLinear, kind: str) -> dict[str, torch.Tensor]:
+    """State of one BitLinear (keys relative to it) from the checkpoint, converted to our form."""
+    n, k = layer.out_features, layer.in_features
+    has_bias = layer.bias is not None
+    if kind == "ours":
+        state = {
+            "weight": ckpt.get(f"{prefix}.weight", packed_shape(n, k), (torch.uint8,)),
+            "weight_scale": ckpt.get(f"{prefix}.weight_scale", (1,), (torch.float32,)),
+        }
+        if has_bias:
+            state["bias"] = ckpt.get(f"{prefix}.bias", (n,), (torch.float32,))
+        return state
+    bias = ckpt.get(f"{prefix}.bias", (n,), _FLOATS).float() if has_bias else None
+    if kind == "online":
+        wq, scale = ternarize(ckpt.get(f"{prefix}.weight", (n, k), _FLOATS))
+    else:
+        if n % 4:
+            raise ValueError(f"torch_bitnet: {prefix}: packed BitNet checkpoints need out_features divisible by 4, got {n}")
+        wq = from_hf_packed(ckpt.get(f"{prefix}.weight", (n // 4, k), (torch.uint8,)), n)
+        stored = ckpt.get(f"{prefix}.weight_scale", (1,), _FLOATS).float()
+        if kind == "autobitlinear":  # y = (linear(x_q, W) + b) * weight_scale
+            scale = stored
+            bias = None if bias is None else bias * stored
+        else:  # transformers' BitLinear: y = linear(x_q, W) / weight_scale + b
+            scale = 1.0 / stored
+    if not bool(torch.isfinite(scale).all()) or float(scale) == 0.0:
+        raise ValueError(f"torch_bitnet: {prefix}.weight_scale gives the unusable scale {float(scale)}")
+    state = {"weight": BitLinear.from_ternary(wq, scale).weight, "weight_scale": scale.reshape(1)}
+    if has_bias:
+        state["bias"] = bias
+    return state
+
+
+def _progress(items: list, desc: str, enabled: bool) -> Iterator:
+    if not enabled:
+        return iter(items)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, unit="layer", leave=False))
+
+
+def from_pretrained(
+    path_or_id: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    revision: str | None = None,
+    progress: bool | None = None,
+) -> torch.nn.Module:
+    """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
+
+    Args:
+        path_or_id: checkpoint directory, or a hub id whose files are in the local Hugging Face
+            cache (nothing is downloaded).
+        dtype: dtype of the activations, embeddings and norms (bfloat16 like the checkpoint, or
+            float32); BitLinear weights are always packed 2-bit.
+        revision: hub revision, for hub ids.
+        progress: show a progress bar over layers (default: for models of more than 4 layers).
+
+    Returns:
+        The model in eval mode, without gradients, equal to
+        ``torch_bitnet.patch(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))``.
+        Load the tokenizer with ``transformers.AutoTokenizer.from_pretrained(path)``.
+
+    Raises:
+        FileNotFoundError: missing directory, config.json or safetensors file.
+        ValueError: not a BitNet checkpoint, or a tensor missing or of the wrong shape/dtype
+            (the message names the tensor and its file).
+    """
+    from transformers import BitNetConfig, BitNetForCausalLM
+    from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
+
+    if dtype not in _FLOATS:
+        raise TypeError(f"torch_bitnet: dtype must be float32, bfloat16 or float16, got {dtype}")
+    path = resolve_model_path(path_or_id, revision)
+    raw = _read_config(path)
+    ours = FORMAT_KEY in raw
+    qc = raw.get("quantization_config") or {}
+    if ours:
+        kind = "ours"
+    elif qc.get("quantization_mode", "offline") == "online":
+        kind = "online"
+    else:
+        kind = qc.get("linear_class", "bitlinear")
+    config = BitNetConfig.from_dict({k: v for k, v in raw.items() if k != FORMAT_KEY})
+    config.dtype = dtype
+
+    # Skeleton on the meta device: no memory until the real tensors are assigned below.
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+        for layer in model.model.layers:
+            for name in LINEARS:
+                old = layer.get_submodule(name)
+                rms_norm = None
+                if qc.get("use_rms_norm"):
+                    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+                    rms_norm = LlamaRMSNorm(old.in_features, eps=qc.get("rms_norm_eps", 1e-6))
+                layer.set_submodule(
+                    name, BitLinear(old.in_features, old.out_features, old.bias is not None, "meta", rms_norm)
+                )
+
+    with contextlib.ExitStack() as stack:
+        ckpt = _Checkpoint(path, stack, ours)
+        state: dict[str, torch.Tensor] = {}
+        layers = list(enumerate(model.model.layers))
+        show = progress if progress is not None else len(layers) > 4
+        for i, layer in _progress(layers, "loading", show):
+            for name in LINEARS:
+                prefix = f"model.layers.{i}.{name}"
+                for key, tensor in _load_linear(ckpt, prefix, layer.get_submodule(name), kind).items():
+                    state[f"{prefix}.{key}"] = tensor
+        # Everything else (embeddings, norms, untied lm_head, pre-norms) as stored, in `dtype`.
+        tied = bool(config.tie_word_embeddings)
+        for key, meta in model.state_dict().items():
+            if key in state or (tied and key == "lm_head.weight"):
+                continue
+            state[key] = ckpt.get(key, tuple(meta.shape), _FLOATS).to(dtype)
+        unused = sorted(set(ckpt.where) - ckpt.used - ({"lm_head.weight"} if tied else set()))
+        if unused:
+            raise ValueError(
+                f"torch_bitnet: the checkpoint has tensors this BitNet config does not use: {unused[:5]}"
+                f"{' ...' if len(unused) > 5 else ''} (does config.json match the weights?)"
+            )
+        model.load_state_dict(state, strict=False, assign=True)
+
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them for real.
+    model.model.rotary_emb = BitNetRotaryEmbedding(config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"torch_bitnet: these tensors were not found in the checkpoint: {left[:5]}")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Write a patched BitNet model in torch_bitnet's layout (read back by :func:`from_pretrained`).
+
+    ``config.json`` (the model's config plus a ``torch_bitnet`` format entry) and
+    ``torch_bitnet.safetensors`` with every BitLinear's packed ``weight``, float32
+    ``weight_scale`` (and ``bias``), and the other tensors as they are; a tied ``lm_head`` is
+    not stored twice. ``tokenizer``: saved alongside if given. Returns the directory.
+    """
+    if getattr(model.config, "model_type", None) != "bitnet":
+        raise ValueError("torch_bitnet.save_pretrained: expects a BitNetForCausalLM")
+    for i, layer in enumerate(model.model.layers):
+        for name in LINEARS:
+            if not isinstance(layer.get_submodule(name), BitLinear):
+                raise ValueError(
+                    f"torch_bitnet.save_pretrained: model.layers.{i}.{name} is not a torch_bitnet BitLinear; "
+                    "patch the model first"
+                )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / PACKED_FILE), metadata={"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
+    raw = model.config.to_dict()
+    raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "weights": PACKED_FILE}
+    (path / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bfloat16, progress: bool | None = None
+) -> Path:
+    """Convert any checkpoint :func:`from_pretrained` reads (e.g. a ``-bf16`` master checkpoint,
+    ternarized layer by layer with a progress bar) into torch_bitnet's packed layout at ``dst``,
+    copying the tokenizer files along."""
+    src_path = resolve_model_path(src)
+    model = from_pretrained(src_path, dtype=dtype, progress=progress)
+    dst_path = save_pretrained(model, dst)
+    for name in TOKENIZER_FILES:
+        if (src_path / name).is_file():
+            shutil.copy2(src_path / name, dst_path / name)
+    return dst_path

@@ -1,0 +1,135 @@
+"""Put torch_bitnet's op into existing models.
+
+* :func:`patch` converts the BitNet layers transformers creates when it loads a BitNet
+  checkpoint (``AutoBitLinear`` offline or online, ``BitLinear``) into
+  :class:`torch_bitnet.nn.BitLinear`, honouring each class's weight-scale convention.
+* :func:`replace_linear` ternarizes plain ``nn.Linear`` layers of any model (Llama, Qwen2,
+  Mistral, GPT-NeoX...). Ternarizing a model that was not trained for it destroys its
+  quality: this path is for BitNet-trained or BitNet-fine-tuned weights, and for measuring
+  speed.
+
+Both convert each layer once, eagerly, and drop the layer they replace (its float or
+unpacked weight is freed with it).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .nn import BitLinear
+from .packing import from_hf_packed
+
+__all__ = ["patch", "replace_linear", "convert_module"]
+
+logger = logging.getLogger(__name__)
+
+
+def _ternary_from_float(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """An offline AutoBitLinear's weight holds the ternary values unpacked to float."""
+    w = weight.detach()
+    wq = w.round()
+    if not bool(((wq == w) & (wq.abs() <= 1)).all()):
+        raise ValueError(
+            f"torch_bitnet: {name}: an offline AutoBitLinear weight must hold only -1, 0 and 1 "
+            "(transformers unpacks the packed checkpoint to those values); this one does not. "
+            "Was the model loaded with quantization_mode='offline' from a float checkpoint?"
+        )
+    return wq.to(torch.int8)
+
+
+def convert_module(module: nn.Module, name: str = "") -> BitLinear | None:
+    """The :class:`BitLinear` equivalent of one transformers BitNet layer, or None if it is not one.
+
+    * ``AutoBitLinear`` offline (microsoft/bitnet-b1.58-2B-4T): ternary weight as float,
+      ``y = (linear(x_q, W) + b) * weight_scale`` -> scale = weight_scale, bias = b * weight_scale.
+    * ``AutoBitLinear`` online (``-bf16`` master weights): absmean-ternarized now, exactly as its
+      ``WeightQuant`` does at every forward; ``y = linear(x_q, W_q) + b``.
+    * ``BitLinear``: packed uint8 (N/4, K) in transformers' layout,
+      ``y = linear(x_q, W) / weight_scale + b`` -> scale = 1 / weight_scale.
+    """
+    from transformers.integrations.bitnet import AutoBitLinear
+    from transformers.integrations.bitnet import BitLinear as HFBitLinear
+
+    if isinstance(module, AutoBitLinear):
+        rms_norm = module.rms_norm
+        if module.online_quant:
+            return BitLinear.from_float(module.weight, module.bias, rms_norm)
+        scale = module.weight_scale.detach().float()
+        bias = None if module.bias is None else module.bias.detach().float() * scale
+        return BitLinear.from_ternary(_ternary_from_float(module.weight, name), scale, bias, rms_norm)
+    if isinstance(module, HFBitLinear):
+        wq = from_hf_packed(module.weight, module.out_features)
+        scale = 1.0 / module.weight_scale.detach().float()
+        return BitLinear.from_ternary(wq, scale, module.bias, module.rms_norm)
+    return None
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Replace every transformers BitNet layer of ``model`` with :class:`torch_bitnet.nn.BitLinear`.
+
+    Handles all the ways transformers 5.x loads BitNet: ``AutoBitLinear`` offline (packed
+    checkpoints such as microsoft/bitnet-b1.58-2B-4T, unpacked to float at load), ``AutoBitLinear``
+    online (float master weights, ternarized here) and ``BitLinear`` (packed uint8 buffers).
+    Norms, embeddings and ``lm_head`` are left as they are. The model is modified in place and
+    returned; each replaced layer's float or unpacked weight is freed.
+
+    Raises:
+        ValueError: the model has no BitNet layer to patch, or an offline weight is not ternary.
+    """
+    converted = 0
+    for name, module in list(model.named_modules()):
+        new = convert_module(module, name)
+        if new is None:
+            continue
+        model.set_submodule(name, new)
+        converted += 1
+    if converted == 0:
+        raise ValueError(
+            "torch_bitnet.patch: the model has no transformers BitNet layer (AutoBitLinear / BitLinear). "
+            "Load it with its BitNet quantization_config, or use torch_bitnet.replace_linear for plain "
+            "nn.Linear layers."
+        )
+    logger.info("torch_bitnet.patch: converted %d BitNet layers", converted)
+    return model
+
+
+def _default_filter(skip: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return not any(fqn == s or fqn.endswith("." + s) for s in skip)
+
+    return keep
+
+
+def replace_linear(
+    model: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
+    """Replace plain ``nn.Linear`` layers with ternary :class:`BitLinear` layers (absmean).
+
+    Args:
+        model: any model; modified in place and returned.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; only ``nn.Linear`` layers for which it
+            returns True are replaced (as in torchao's ``quantize_``). Default: all but ``skip``.
+        skip: module names (or name suffixes) left alone when ``filter_fn`` is None; ``lm_head``
+            by default.
+
+    Ternarizing weights that were not trained for it destroys a model's quality; use this for
+    BitNet-trained or BitNet-fine-tuned weights, or to measure speed. Warns if nothing matched.
+    """
+    keep = filter_fn if filter_fn is not None else _default_filter(skip)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or not keep(module, name):
+            continue
+        model.set_submodule(name, BitLinear.from_float(module.weight, module.bias))
+        replaced += 1
+    if replaced == 0:
+        warnings.warn("torch_bitnet.replace_linear: no nn.Linear layer matched; the model is unchanged", stacklevel=2)
+    return model

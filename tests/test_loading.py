@@ -98,7 +98,10 @@ def test_from_pretrained_equals_patch_of_transformers(checkpoints, mode):
 
 
 def test_bf16_model_loads_and_runs(checkpoints):
-    model = torch_bitnet.from_pretrained(checkpoints["tiny", "offline"])
+    path = checkpoints["tiny", "offline"]
+    model = torch_bitnet.from_pretrained(path)
+    # generation_config.json is read (its eos list includes <|eot_id|>)
+    assert model.generation_config.eos_token_id == json.loads((path / "generation_config.json").read_text())["eos_token_id"]
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits = model(_prompts(model.config.vocab_size)[1]).logits

@@ -10,9 +10,11 @@ Public API:
 * models: :class:`BitLinear` (the module), :func:`patch` (transformers BitNet models),
   :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
+* generation: :func:`generate` (static KV cache, compiled decode step), :class:`GenerationResult`
 """
 
 from . import packing, reference
+from .generate import GenerationResult, generate
 from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
 from .nn import BitLinear
@@ -27,6 +29,8 @@ __all__ = [
     "available_isas",
     "convert_checkpoint",
     "from_pretrained",
+    "GenerationResult",
+    "generate",
     "patch",
     "replace_linear",
     "save_pretrained",

@@ -292,6 +292,10 @@ def from_pretrained(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"torch_bitnet: these tensors were not found in the checkpoint: {left[:5]}")
+    if (path / "generation_config.json").is_file():  # e.g. eos = [<|end_of_text|>, <|eot_id|>]
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
     return model
 

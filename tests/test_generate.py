@@ -1,0 +1,460 @@
+"""torch_bitnet.generate: static cache, chunked prefill, compiled decode step, sampling, text.
+
+Models: a random "gqa" BitNet checkpoint (torch_bitnet.checkpoints: 8 heads over 2 key/value
+heads, like 2B-4T's 4:1) loaded with torch_bitnet.loading.from_pretrained (BitLinear layers on
+our ops: what users run), and the same config as a plain transformers BitNetForCausalLM
+(nn.Linear layers). Everything runs in float32, so our greedy tokens must be transformers'
+greedy tokens exactly.
+
+A first torch.compile of the decode step costs about 15 s here. Every compiled test uses the
+same model, dtype and cache length (MAX_SEQ_LEN), so the module compiles one graph; dynamo's
+cache reuses it for every later session of the same shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import AutoTokenizer, BitNetForCausalLM, CompileConfig
+
+from torch_bitnet import checkpoints
+from torch_bitnet.generate import (
+    _MIN_CACHE_LEN,
+    _SESSIONS,
+    DecodeSession,
+    _static_sdpa,
+    _TextStream,
+    decode_one_token,
+    default_chunk_size,
+    eos_token_ids,
+    generate,
+    prefill,
+    sample,
+)
+from torch_bitnet.loading import from_pretrained
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+MAX_SEQ_LEN = 64  # the one cache length of the compiled tests (prompt ~12 tokens + 32 new)
+NEW = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return checkpoints.write_checkpoint(tmp_path_factory.mktemp("gqa"), checkpoints.small_config("gqa"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    """Patched: BitLinear layers running torch.ops.bitnet."""
+    return from_pretrained(checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def plain_model():
+    """transformers' BitNetForCausalLM built from the config: ordinary nn.Linear layers."""
+    torch.manual_seed(0)
+    return BitNetForCausalLM(checkpoints.small_config("gqa")).float().eval()
+
+
+@pytest.fixture
+def eos_config(model):
+    """Lets a test change model.generation_config.eos_token_id; restored afterwards."""
+    saved = model.generation_config.eos_token_id
+    yield model.generation_config
+    model.generation_config.eos_token_id = saved
+
+
+def hf_greedy(model, tokenizer, prompt_ids: list[int], n: int, **kwargs) -> list[int]:
+    """transformers' own greedy generate, stopping at the same eos tokens as ours."""
+    eos = sorted(eos_token_ids(model, tokenizer))
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **kwargs,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy parity with transformers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_greedy_matches_transformers_generate(model, tokenizer, compile):
+    """Our compiled or eager decode = transformers' eager greedy generate, token for token; and
+    transformers' generate still works on the model after ours (and ours after it)."""
+    ours = generate(model, tokenizer, PROMPT, NEW, compile=compile, max_seq_len=MAX_SEQ_LEN)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    assert ours.prompt_tokens == len(prompt_ids)
+    assert ours.new_tokens == NEW and ours.stop_reason == "length"  # no eos within 32 (seed 3)
+    assert ours.token_ids == hf_greedy(model, tokenizer, prompt_ids, NEW)
+    again = generate(model, tokenizer, PROMPT, NEW, compile=compile, max_seq_len=MAX_SEQ_LEN)
+    assert again.token_ids == ours.token_ids and again.text == ours.text
+    assert again.compile_seconds == 0.0  # the session (cache + compiled step) was reused
+    assert model.config._attn_implementation == "sdpa"  # our attention was switched on only inside
+
+
+def test_greedy_matches_transformers_generate_plain_linear_eager(plain_model, tokenizer):
+    """Also for a model that was never patched (ordinary nn.Linear layers)."""
+    ours = generate(plain_model, tokenizer, PROMPT, NEW, compile=False)
+    assert ours.new_tokens == NEW
+    assert ours.token_ids == hf_greedy(plain_model, tokenizer, tokenizer(PROMPT)["input_ids"], NEW)
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_generate_plain_linear_compiled(plain_model, tokenizer):
+    ours = generate(plain_model, tokenizer, PROMPT, NEW, compile=True, max_seq_len=MAX_SEQ_LEN)
+    assert ours.token_ids == hf_greedy(plain_model, tokenizer, tokenizer(PROMPT)["input_ids"], NEW)
+
+
+@pytest.mark.slow
+def test_transformers_static_cache_compiled_generate(model, tokenizer):
+    """transformers' generate(cache_implementation="static") compiled (on CPU it needs
+    compile_config._compile_all_devices) gives the same tokens on the patched model."""
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = hf_greedy(model, tokenizer, prompt_ids, NEW, cache_implementation="static", compile_config=config)
+    assert counters["stats"]["unique_graphs"] > graphs, "transformers did not compile"
+    assert compiled == hf_greedy(model, tokenizer, prompt_ids, NEW)
+    assert compiled == generate(model, tokenizer, PROMPT, NEW, max_seq_len=MAX_SEQ_LEN).token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled decode step: one graph, no break, no recompilation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decode_step_one_graph_no_recompile_to_the_end_of_the_cache(model, tokenizer):
+    """Fill a MAX_SEQ_LEN cache to its last position (50+ decode steps) with the compiled step
+    under error_on_recompile; compare every step's logits with the eager step fed the same
+    tokens. At most one graph is compiled (none if an earlier test compiled these shapes)."""
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    compiled = DecodeSession(model, MAX_SEQ_LEN, compile=True)
+    compiled.warm_up(model)
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
+    eager = DecodeSession(model, MAX_SEQ_LEN, compile=False)
+    graphs = counters["stats"]["unique_graphs"]
+
+    prompt = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        compiled.reset()
+        logits = prefill(model, prompt, compiled.cache)
+        prefill(model, prompt, eager.cache)
+        token = logits.argmax(-1, keepdim=True)
+        position = torch.tensor([prompt.shape[1]])
+        steps = 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            while int(position) < MAX_SEQ_LEN:
+                ours = compiled.step(model, token, position)
+                ref = eager.step(model, token, position)
+                # float32; inductor may reassociate sums, and int8 activation rounding can amplify
+                # a last-bit change, so allow 1e-3 of the logit range, and require the same argmax.
+                assert torch.allclose(ours, ref, rtol=0, atol=1e-3 * float(ref.abs().max()))
+                assert int(ours.argmax()) == int(ref.argmax())
+                token = ref.argmax(-1, keepdim=True)
+                position += 1
+                steps += 1
+                assert compiled.seq_length == int(position)  # cache and position in lockstep
+    assert steps >= 40
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["graph_break"].values()) == breaks  # (fullgraph=True would raise anyway)
+
+
+def test_generate_does_not_recompile_across_calls_and_under_inference_mode(model, tokenizer):
+    generate(model, tokenizer, PROMPT, 4, max_seq_len=MAX_SEQ_LEN)  # compiled (or reused) here
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        first = generate(model, tokenizer, PROMPT, 40, max_seq_len=MAX_SEQ_LEN, eos=False)
+        second = generate(model, tokenizer, "Once upon a time", 40, max_seq_len=MAX_SEQ_LEN, eos=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert first.compile_seconds == second.compile_seconds == 0.0
+    assert first.new_tokens == second.new_tokens == 40 and first.decode_steps == 39
+    assert first.decode_seconds > 0 and first.decode_tokens_per_second > 0
+    assert first.prefill_seconds > 0 and first.prompt_tokens_per_second > 0
+
+
+def test_session_is_reused_while_it_fits_and_grows_when_needed(model, tokenizer):
+    _SESSIONS.pop(model, None)  # whatever earlier tests left
+    small = generate(model, tokenizer, PROMPT, 8, compile=False)
+    session = _SESSIONS[model]
+    assert session.max_seq_len == _MIN_CACHE_LEN and not session.compiled
+    generate(model, tokenizer, PROMPT, 20, compile=False)
+    assert _SESSIONS[model] is session
+    long = generate(model, tokenizer, PROMPT, 250, compile=False, eos=False)  # > 256 positions
+    assert _SESSIONS[model].max_seq_len == 512 and long.new_tokens == 250
+    assert long.token_ids[:8] == small.token_ids
+
+
+def test_packed_gqa_attention_equals_repeated_heads():
+    """The decode attention (query heads folded onto their kv head) = transformers' sdpa with
+    the kv heads repeated (what it does under torch.compile), for one query token over a
+    masked static cache. The compiled decode step runs it: see the greedy and step tests."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = 1  # the key/value given to transformers below are already repeated
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 8, 1, 16, generator=g)
+    key, value = torch.randn(2, 1, 2, 40, 16, generator=g)
+    mask = (torch.arange(40) < 23).view(1, 1, 1, 40)
+    repeated_key, repeated_value = key.repeat_interleave(4, dim=1), value.repeat_interleave(4, dim=1)
+    expected, _ = sdpa_attention_forward(Attention().eval(), query, repeated_key, repeated_value, mask, scaling=0.25)
+    grouped = Attention().eval()
+    grouped.num_key_value_groups = 4
+    ours, weights = _static_sdpa(grouped, query, key, value, mask, scaling=0.25)
+    assert weights is None and ours.shape == expected.shape == (1, 1, 8, 16)
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["patched", "plain"])
+def test_chunked_prefill_equals_one_shot(model, plain_model, which):
+    """Chunks of 1, 7 and 16 tokens vs the whole 45-token prompt at once, and vs the model's
+    own forward without a cache (full attention, no static cache, no chunking).
+
+    Tolerance: 1e-4 of the logit range. Chunking only changes the row count of each matmul
+    (float32 GEMM blocking may reassociate, ~1e-7 relative) and the query blocks of attention;
+    the bitlinear kernels are exact per row. Measured: 0 (patched), 2e-7 (plain).
+    """
+    net = model if which == "patched" else plain_model
+    ids = torch.randint(0, 500, (1, 45), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = prefill(net, ids, DecodeSession(net, MAX_SEQ_LEN, compile=False).cache, chunk_size=256)
+        no_cache = net(ids, use_cache=False).logits[:, -1]
+        assert torch.allclose(whole, no_cache, rtol=0, atol=1e-4 * float(no_cache.abs().max()))
+        for chunk in (1, 7, 16):
+            session = DecodeSession(net, MAX_SEQ_LEN, compile=False)
+            chunked = prefill(net, ids, session.cache, chunk_size=chunk)
+            assert session.seq_length == 45
+            assert chunked.shape == whole.shape == (1, net.config.vocab_size) and chunked.dtype == torch.float32
+            assert torch.allclose(chunked, whole, rtol=0, atol=1e-4 * float(whole.abs().max()))
+
+
+def test_chunk_size_from_environment(model, tokenizer, monkeypatch):
+    monkeypatch.setenv("BITNET_CHUNK_SIZE", "5")
+    assert default_chunk_size() == 5
+    five = generate(model, tokenizer, PROMPT, 8, compile=False)
+    monkeypatch.setenv("BITNET_CHUNK_SIZE", "zero")
+    with pytest.raises(ValueError, match="BITNET_CHUNK_SIZE"):
+        default_chunk_size()
+    monkeypatch.delenv("BITNET_CHUNK_SIZE")
+    assert default_chunk_size() == 256
+    assert generate(model, tokenizer, PROMPT, 8, compile=False).token_ids == five.token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_with_a_seed(model, tokenizer):
+    kwargs = dict(temperature=1.0, top_k=50, top_p=0.95, compile=False, eos=False)
+    a = generate(model, tokenizer, PROMPT, 24, seed=1, **kwargs)
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = generate(model, tokenizer, PROMPT, 24, seed=1, **kwargs)
+    c = generate(model, tokenizer, PROMPT, 24, seed=2, **kwargs)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_sampling_limits_reduce_to_greedy(model, tokenizer):
+    greedy = generate(model, tokenizer, PROMPT, 16, compile=False, eos=False).token_ids
+    for kwargs in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = generate(model, tokenizer, PROMPT, 16, temperature=2.0, seed=0, compile=False, eos=False, **kwargs)
+        assert sampled.token_ids == greedy, kwargs
+
+
+def test_sample_top_k_and_top_p_keep_the_right_tokens():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+
+    def draws(**kwargs) -> torch.Tensor:
+        return torch.cat([sample(logits, temperature=1.0, generator=g, **kwargs) for _ in range(2000)]).flatten()
+
+    assert set(draws(top_k=2).tolist()) == {1, 3}
+    assert set(draws(top_p=0.79).tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.79: token 2 not needed
+    assert set(draws(top_p=0.81).tolist()) == {1, 2, 3}
+    assert set(draws(top_k=3, top_p=0.5).tolist()) == {1}
+    counts = torch.bincount(draws(), minlength=4) / 2000.0  # no filter: the softmax itself
+    assert torch.allclose(counts, probs[0], atol=0.04)
+    assert int(sample(logits)) == 1  # temperature 0: argmax
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stop_string_cuts_the_text_and_streams_only_what_is_kept(model, tokenizer):
+    full = generate(model, tokenizer, PROMPT, NEW, compile=False, eos=False)
+    # A stop string made of characters from the middle of the text, first seen there.
+    start = len(full.text) // 2
+    stop = full.text[start : start + 3]
+    cut = full.text.find(stop)
+    pieces: list[str] = []
+    result = generate(model, tokenizer, PROMPT, NEW, compile=False, eos=False, stop=["never appears", stop],
+                      stream=pieces.append)
+    assert result.stop_reason == "stop"
+    assert result.text == full.text[:cut]
+    assert "".join(pieces) == result.text
+    assert result.token_ids == full.token_ids[: result.new_tokens] and result.new_tokens < NEW
+
+
+def test_eos_token_stops_generation(model, tokenizer, eos_config):
+    full = generate(model, tokenizer, PROMPT, NEW, compile=False, eos=False)
+    k = 5
+    eos = full.token_ids[k]
+    k = full.token_ids.index(eos)  # its first occurrence
+    eos_config.eos_token_id = eos
+    result = generate(model, tokenizer, PROMPT, NEW, compile=False)
+    assert result.stop_reason == "eos"
+    assert result.token_ids == full.token_ids[: k + 1]  # the eos token is returned, as transformers does
+    assert result.text == tokenizer.decode(full.token_ids[:k], skip_special_tokens=True)
+    assert hf_greedy(model, tokenizer, tokenizer(PROMPT)["input_ids"], NEW) == result.token_ids
+    assert generate(model, tokenizer, PROMPT, NEW, compile=False, eos=False).stop_reason == "length"
+
+
+def test_eos_ids_include_tokenizer_eos_eot_and_generation_config(model, tokenizer):
+    special = checkpoints.special_token_ids(len(tokenizer))
+    ids = eos_token_ids(model, tokenizer)
+    assert {special["<|end_of_text|>"], special["<|eot_id|>"]} <= ids
+    config_eos = model.generation_config.eos_token_id
+    assert set([config_eos] if isinstance(config_eos, int) else config_eos) <= ids
+
+
+def test_cache_full_stops_with_max_seq_len(model, tokenizer):
+    n_prompt = len(tokenizer(PROMPT)["input_ids"])
+    result = generate(model, tokenizer, PROMPT, 100, compile=False, eos=False, max_seq_len=n_prompt + 6)
+    # The last token is never fed back, so a cache of P + 6 positions yields 7 new tokens.
+    assert result.stop_reason == "max_seq_len" and result.new_tokens == 7
+    exact = generate(model, tokenizer, PROMPT, 7, compile=False, eos=False, max_seq_len=n_prompt + 6)
+    assert exact.stop_reason == "length" and exact.token_ids == result.token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: streaming, UTF-8, chat template
+# ---------------------------------------------------------------------------------------------
+
+
+def test_streamed_pieces_add_up_to_the_text(model, tokenizer):
+    pieces: list[str] = []
+    result = generate(model, tokenizer, PROMPT, NEW, max_seq_len=MAX_SEQ_LEN, eos=False, stream=pieces.append)
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_stream_never_splits_a_multibyte_character(tokenizer):
+    text = "Zürich crème brûlée: 你好, こんにちは 😀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The byte-level tokenizer does split characters across tokens (else this tests nothing).
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    pieces: list[str] = []
+    stream = _TextStream(tokenizer, [], pieces.append)
+    for i in ids:
+        assert not stream.push(i)
+    assert stream.finish() == text
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_holds_back_a_possible_stop_string(tokenizer):
+    text = "the fox jumps, the fox! sleeps"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    stream = _TextStream(tokenizer, ["fox!"], pieces.append)
+    stopped_at = next(n for n, i in enumerate(ids) if stream.push(i))
+    assert tokenizer.decode(ids[: stopped_at + 1]).endswith("!")  # stopped at the token completing it
+    assert stream.text == "the fox jumps, the "
+    assert "".join(pieces) == stream.text  # "fox" was held back at both places until decided
+    # Without a stop string in the text, everything held back is released by finish().
+    pieces.clear()
+    stream = _TextStream(tokenizer, ["fox!!"], pieces.append)
+    for i in tokenizer("the fox!", add_special_tokens=False)["input_ids"]:
+        stream.push(i)
+    assert "".join(pieces) == "the " and stream.finish() == "the fox!" and "".join(pieces) == "the fox!"
+
+
+def test_chat_template_prompt(model, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected_ids = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert expected.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert expected_ids.count(tokenizer.bos_token_id) == 1  # bos from the template only
+    result = generate(model, tokenizer, messages, 8, compile=False, eos=False)
+    assert result.prompt_tokens == len(expected_ids)
+    hf = hf_greedy(model, tokenizer, expected_ids, 8)  # may stop earlier, at an eos token
+    assert result.token_ids[: len(hf)] == hf
+    # A string with chat=True is one user message.
+    one = generate(model, tokenizer, "Hello there!", 8, chat=True, compile=False, eos=False)
+    direct = generate(model, tokenizer, [{"role": "user", "content": "Hello there!"}], 8, compile=False, eos=False)
+    assert one.token_ids == direct.token_ids and one.prompt_tokens == direct.prompt_tokens
+
+
+def test_chat_without_a_template_is_a_clear_error(model, tokenizer):
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        generate(model, bare, "hi", 4, chat=True, compile=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(stop=[""]), "stop"),
+        (dict(max_seq_len=4), "more than the KV cache"),
+        (dict(max_seq_len=0), "max_seq_len"),
+        (dict(prompt=[{"content": "no role"}]), "role"),
+        (dict(prompt="word " * 5000), "max_position_embeddings = 4096"),
+    ],
+)
+def test_bad_arguments_raise_value_error(model, tokenizer, kwargs, match):
+    args = dict(prompt=PROMPT, max_new_tokens=4, compile=False)
+    args.update(kwargs)
+    before = _SESSIONS.get(model)
+    with pytest.raises(ValueError, match=match):
+        generate(model, tokenizer, **args)
+    assert _SESSIONS.get(model) is before  # a refused call leaves the model's session alone
+
+
+def test_zero_new_tokens_returns_at_once(model, tokenizer):
+    result = generate(model, tokenizer, PROMPT, 0)
+    assert result.text == "" and result.token_ids == [] and result.new_tokens == 0 and result.stop_reason == "length"
+
+
+def test_decode_one_token_writes_one_position(model, tokenizer):
+    session = DecodeSession(model, 16, compile=False)
+    with torch.inference_mode():
+        prefill(model, torch.tensor([[1, 2, 3]]), session.cache)
+        logits = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]), session.cache)
+        whole = prefill(model, torch.tensor([[1, 2, 3, 4]]), DecodeSession(model, 16, compile=False).cache)
+    assert session.seq_length == 4
+    assert logits.shape == (1, model.config.vocab_size) and logits.dtype == torch.float32
+    assert torch.allclose(logits, whole, rtol=0, atol=1e-4 * float(whole.abs().max()))

@@ -1,0 +1,669 @@
+"""Text generation with a static KV cache and one compiled decode step (after gpt-fast).
+
+Three small functions do the work:
+
+* :func:`prefill` runs the prompt through the model in chunks (eager: prompt lengths vary);
+* :func:`decode_one_token` runs one token; it is compiled once with
+  ``torch.compile(fullgraph=True, dynamic=False)``. Every tensor it sees has a fixed shape
+  (the cache is allocated once at its full length, the position is a tensor), so one graph
+  serves every step up to the cache length, with no recompilation;
+* :func:`generate` tokenizes, prefills, samples, detokenizes incrementally and times it all.
+
+Both run transformers' sdpa attention with two shortcuts for a static cache (``_static_sdpa``):
+the decode step folds the query heads of grouped-query attention onto their key/value heads
+(under torch.compile transformers would copy the whole cache once per layer and step), and a
+prefill chunk attends only to the cache positions it can see, not to the whole cache.
+
+The model is a transformers ``BitNetForCausalLM`` (patched with torch_bitnet's ops or not);
+the cache is transformers' own ``StaticCache``, so the model's attention code fills it. A
+``StaticCache`` keeps its write position as a tensor (``cumulative_length``) and advances it
+itself on every forward; the position we pass (``position_ids``, for RoPE) is always the same
+number, kept in lockstep by the functions below.
+
+The cache and its compiled step live on a :class:`DecodeSession`; :func:`generate` keeps one
+session per model (looked up weakly, so it never keeps a model alive) and reuses it as long as
+it is long enough, so a chat loop compiles once, not once per turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DecodeSession",
+    "GenerationResult",
+    "decode_one_token",
+    "default_chunk_size",
+    "eos_token_ids",
+    "generate",
+    "prefill",
+    "prepare",
+    "sample",
+]
+
+logger = logging.getLogger(__name__)
+
+# Prefill chunk length. The bitlinear kernels reach their per-token throughput by M = 128
+# (README op table: 2560x6912 costs 50 us/token at M = 128 and at M = 512), and attention only
+# covers the positions a chunk can see, so longer chunks buy nothing: measured on 2B-4T (bf16,
+# 2 threads, a 1024-token prompt) 125 / 128 / 125 / 128 prompt tokens/s with chunks of
+# 128 / 256 / 512 / 1024. Shorter chunks bound activation memory (the float32 copies of the
+# 6912-wide MLP activations are 7 MB per chunk of 256, 28 MB per 1024). 256: past the knee.
+_DEFAULT_CHUNK_SIZE = 256
+# Automatic cache lengths are powers of two from this floor up to max_position_embeddings: a
+# chat whose history grows recompiles the decode step at most log2(4096 / 256) = 4 times, and
+# attention never reads more than twice the cache it needs (every decode step attends over the
+# whole cache: 2 * 30 layers * 5 kv heads * 128 * 2 bytes = 77 KB per position for 2B-4T).
+_MIN_CACHE_LEN = 256
+
+STOP_REASONS = ("eos", "stop", "length", "max_seq_len")
+
+
+def default_chunk_size() -> int:
+    """The prefill chunk length: ``BITNET_CHUNK_SIZE`` from the environment, else 256."""
+    value = os.environ.get("BITNET_CHUNK_SIZE")
+    if value is None:
+        return _DEFAULT_CHUNK_SIZE
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"BITNET_CHUNK_SIZE must be a positive integer, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"BITNET_CHUNK_SIZE must be a positive integer, got {value!r}")
+    return size
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` produced and how long it took.
+
+    ``token_ids`` holds the new tokens only (an end-of-sequence token that stopped generation
+    is included, as in transformers' ``generate``); ``text`` is their decoded text without
+    special tokens, cut before a stop string if one ended generation. Decode timings exclude
+    the one-time compilation (``compile_seconds``, 0 when the compiled step was reused).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float  # the prompt's forward passes (all chunks)
+    decode_seconds: float  # the decode steps and sampling after the first new token
+    compile_seconds: float
+    stop_reason: str  # one of STOP_REASONS
+    decode_steps: int = 0  # forward passes of one token (new_tokens - 1 at most)
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The model steps
+# --------------------------------------------------------------------------------------------
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor, cache) -> torch.Tensor:
+    """One forward pass of one token; the function that gets compiled.
+
+    Args:
+        model: a causal LM taking ``past_key_values`` (transformers ``BitNetForCausalLM``).
+        token: int64 (1, 1), the token at ``cache_position``.
+        cache_position: int64 (1,), its position. A tensor, not an int, so that the compiled
+            graph does not specialise on it; it must equal ``cache.get_seq_length()``
+            (the ``StaticCache`` keeps its own count, as a tensor, to place the keys and values).
+        cache: the ``StaticCache`` holding positions ``0 .. cache_position - 1``; this call
+            writes the token's keys and values at ``cache_position`` and advances the cache.
+
+    Returns:
+        float32 (1, vocab) logits of the next token.
+    """
+    out = model(
+        input_ids=token,
+        position_ids=cache_position.view(1, 1),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()  # the cache's tensors are inference tensors
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk_size: int | None = None) -> torch.Tensor:
+    """Run the prompt through the model into ``cache``, ``chunk_size`` tokens at a time.
+
+    Args:
+        input_ids: int64 (1, P), the prompt; the cache must hold ``P`` more positions.
+        cache: a ``StaticCache`` (possibly holding earlier positions: the prompt continues them).
+        chunk_size: tokens per forward pass (default :func:`default_chunk_size`). Chunking
+            bounds activation memory; the logits do not depend on it beyond float rounding.
+
+    Returns:
+        float32 (1, vocab) logits after the prompt's last token.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"prefill expects input_ids of shape (1, P), got {tuple(input_ids.shape)}")
+    length = input_ids.shape[1]
+    if length == 0:
+        raise ValueError("prefill needs at least one prompt token")
+    chunk_size = default_chunk_size() if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    start = int(cache.get_seq_length())
+    device = input_ids.device
+    for begin in range(0, length, chunk_size):
+        chunk = input_ids[:, begin : begin + chunk_size]  # (1, C)
+        positions = torch.arange(start + begin, start + begin + chunk.shape[1], device=device)
+        # Only the prompt's last position needs logits (the lm_head is 128k rows wide). Ask for
+        # it by index, not with logits_to_keep=1: that slices a (1, 1, hidden) view whose batch
+        # stride is C * hidden, and torch.matmul then copies the whole lm_head weight into a
+        # batched layout (1.9 s per call for 2B-4T in bf16) instead of running a GEMV (33 ms).
+        last = begin + chunk_size >= length
+        keep = torch.tensor([chunk.shape[1] - 1] if last else [], dtype=torch.long, device=device)
+        with _static_attention(model):
+            out = model(
+                input_ids=chunk,
+                position_ids=positions.unsqueeze(0),  # (1, C)
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,  # (1,) on the last chunk, (0,) before it
+            )
+    return out.logits[:, -1].float()
+
+
+# The model runs a variant of transformers' "sdpa" attention function inside prefill and the
+# decode step (registered with transformers as _ATTENTION, switched on by _static_attention):
+#
+# * One query token (decode): transformers repeats the key/value heads of grouped-query
+#   attention (repeat_kv: a copy of the whole cache, in every layer, at every step) whenever it
+#   runs under torch.compile; only in eager mode does it fold the query heads of each key/value
+#   head into rows of one attention call (pack_gqa: views only). This always folds. Measured on
+#   4 layers of the 2B-4T shape (20 heads over 5 kv heads, head dim 128, bf16, 1 thread), the
+#   compiled decode step costs 9.5 -> 5.7 ms per token with a 256-token cache, 26 -> 6.2 ms at
+#   1024, 91 -> 13 ms at 4096.
+# * A prefill chunk (eager): the static cache is max_seq_len long, but the chunk's queries see
+#   only the positions up to its last one; the rest is masked out. Attention over just those
+#   positions gives the same result with less work (2B-4T, bf16, 2 threads, a 1024-token
+#   prompt into a 2048-token cache in 256-token chunks: 104 -> 128 prompt tokens/s, at which
+#   point prefill is bound by the bitlinear kernels).
+#
+# Everything else (eager mode with other masks, dynamic caches...) is transformers' function.
+_ATTENTION = "torch_bitnet_static_sdpa"
+
+
+def _static_sdpa(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
+    """transformers attention function: query (B, H, Q, D), key / value (B, KVH, L, D), mask
+    (B, 1, Q, L) or None, position_ids (B, Q); returns (B, Q, H, D) and no weights."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_len, head_dim = query.shape
+    if q_len == 1 and groups > 1 and (attention_mask is None or attention_mask.shape[1] == 1):
+        # Query head h = g * groups + r reads kv head g: rows r of batch entry g (repeat_kv's order).
+        folded = query.reshape(batch, heads // groups, groups, head_dim)  # (B, KVH, groups, D)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            folded, key, value, attn_mask=attention_mask, scale=scaling
+        )
+        return out.reshape(batch, 1, heads, head_dim), None
+    if q_len > 1 and position_ids is not None and not torch.compiler.is_compiling():
+        live = int(position_ids.max()) + 1  # cache positions 0 .. live - 1 can be attended to
+        if live < key.shape[2]:
+            key, value = key[:, :, :live], value[:, :, :live]  # (B, KVH, live, D)
+            attention_mask = None if attention_mask is None else attention_mask[..., :live]
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, position_ids=position_ids, **kwargs
+    )
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_ATTENTION, _static_sdpa)
+    AttentionMaskInterface.register(_ATTENTION, sdpa_mask)  # the masks sdpa gets
+
+
+@contextlib.contextmanager
+def _static_attention(model: nn.Module):
+    """Run an "sdpa" model with :func:`_static_sdpa` inside the block (others unchanged)."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    _register_attention()
+    config._attn_implementation = _ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the activations (and so of the keys and values): that of the embedding."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _new_static_cache(model: nn.Module, max_seq_len: int):
+    """A transformers ``StaticCache`` of ``max_seq_len`` positions, allocated now.
+
+    Allocating now (not lazily inside the first forward) gives the keys and values their
+    final addresses before anything is compiled: keys and values are
+    (1, num_key_value_heads, max_seq_len, head_dim) per layer, in the model's dtype.
+    """
+    from transformers import StaticCache
+
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = StaticCache(config=config, max_cache_len=max_seq_len)
+    cache.early_initialization(
+        batch_size=1,
+        num_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        dtype=_model_dtype(model),
+        device=_model_device(model),
+    )
+    return cache
+
+
+class DecodeSession:
+    """A static KV cache for one model and the decode step that runs on it.
+
+    :meth:`step` runs ``torch.compile(decode_one_token, fullgraph=True, dynamic=False)`` (or
+    the plain function with ``compile=False``) on the session's cache. :meth:`warm_up` compiles
+    it on a dummy token so the compilation is timed apart from generation. The session holds no
+    reference to the model: pass the same model (or one of the same architecture and dtype) to
+    every call.
+    """
+
+    def __init__(self, model: nn.Module, max_seq_len: int, *, compile: bool = True):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.compiled = compile
+        self.dtype = _model_dtype(model)
+        with torch.inference_mode():
+            self.cache = _new_static_cache(model, max_seq_len)
+        self._step: Callable = (
+            torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
+        )
+        self.warm = not compile  # the eager step has nothing to warm up
+        self.compile_seconds = 0.0
+
+    def reset(self) -> None:
+        """Forget every cached position (the next prefill starts at position 0)."""
+        self.cache.reset()
+
+    def step(self, model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """:func:`decode_one_token` on this session's cache: token (1, 1) at cache_position (1,)
+        -> float32 (1, vocab) logits; the cache advances by one position."""
+        with torch.inference_mode(), _static_attention(model):
+            return self._step(model, token, cache_position, self.cache)
+
+    @property
+    def seq_length(self) -> int:
+        """Positions currently held."""
+        return int(self.cache.get_seq_length())
+
+    @torch.inference_mode()
+    def warm_up(self, model: nn.Module) -> float:
+        """Compile the decode step (once) on a dummy token; returns the seconds it took."""
+        if self.warm:
+            return 0.0
+        logger.info(
+            "compiling the decode step for a %d-token cache (once per model and cache length)", self.max_seq_len
+        )
+        device = _model_device(model)
+        start = time.perf_counter()
+        self.reset()
+        token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.step(model, token, torch.zeros(1, dtype=torch.long, device=device))
+        self.reset()
+        self.compile_seconds = time.perf_counter() - start
+        self.warm = True
+        logger.info("compiled the decode step in %.1f s", self.compile_seconds)
+        return self.compile_seconds
+
+
+# One session per model, dropped with the model (the session itself does not reference it).
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, DecodeSession] = weakref.WeakKeyDictionary()
+
+
+def _auto_cache_len(needed: int, limit: int) -> int:
+    return min(limit, max(_MIN_CACHE_LEN, 1 << (needed - 1).bit_length()))
+
+
+def _session_for(model: nn.Module, needed: int, max_seq_len: int | None, compile: bool) -> DecodeSession:
+    """The model's session if it fits the request, else a new one (which replaces it)."""
+    session = _SESSIONS.get(model)
+    fits = (
+        session is not None
+        and session.compiled == compile
+        and session.dtype == _model_dtype(model)
+        and (session.max_seq_len == max_seq_len if max_seq_len is not None else session.max_seq_len >= needed)
+    )
+    if not fits:
+        if max_seq_len is None:
+            limit = getattr(model.config, "max_position_embeddings", None) or needed
+            max_seq_len = _auto_cache_len(needed, limit)
+        session = DecodeSession(model, max_seq_len, compile=compile)
+        _SESSIONS[model] = session
+    return session
+
+
+def prepare(model: nn.Module, max_seq_len: int, *, compile: bool = True) -> DecodeSession:
+    """Allocate the model's KV cache and compile its decode step now, instead of in the first
+    :func:`generate` call (an interactive chat compiles before the first question). Later
+    :func:`generate` calls reuse the session while it is long enough."""
+    session = _session_for(model, max_seq_len, max_seq_len, compile)
+    session.warm_up(model)
+    return session
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token from float32 logits (1, vocab): argmax if ``temperature == 0``.
+
+    Otherwise logits / temperature, then keep the ``top_k`` largest, then the smallest set of
+    tokens whose probabilities add up to ``top_p`` (nucleus), then draw with ``generator``.
+    Returns an int64 tensor (1, 1).
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (1, 1)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------
+# Text in and out
+# --------------------------------------------------------------------------------------------
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Tokens that end generation: the tokenizer's eos, ``<|eot_id|>`` if the vocabulary has
+    it (Llama-3 chat turns end with it) and the model's ``generation_config.eos_token_id``."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids.update(int(i) for i in ([config_eos] if isinstance(config_eos, int) else config_eos))
+    return ids
+
+
+def _encode(tokenizer, prompt, chat: bool) -> list[int]:
+    if isinstance(prompt, str) and not chat:
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        for message in messages:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"chat messages must be dicts with 'role' and 'content', got {message!r}")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("this tokenizer has no chat template; pass a plain string prompt with chat=False")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes the special tokens (BOS) itself: do not add them twice.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) == 0:
+        raise ValueError("the prompt is empty after tokenization")
+    return list(ids)
+
+
+class _TextStream:
+    """Incremental detokenization with stop strings.
+
+    Text is released only when it is final: a token can end in the middle of a multi-byte
+    UTF-8 character (the decoded tail is then U+FFFD until the next token completes it), and
+    text that might be the beginning of a stop string is held back until it is not. So the
+    pieces passed to ``stream`` always add up to :attr:`text`.
+
+    The decoding follows text-generation-inference: decode the ids from ``prefix_offset`` and
+    subtract the text of ``ids[prefix_offset:read_offset]``, so a tokenizer's handling of
+    leading spaces sees the same context as when decoding everything at once.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], stream: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.stream = stream
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # decoded so far, complete characters only
+        self.released = 0  # len(self.text) already passed to stream
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> bool:
+        """Add one token; returns True if a stop string has appeared (the text ends before it)."""
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        current = self._decode(self.ids[self.prefix_offset :])
+        if len(current) <= len(prefix) or current.endswith("\ufffd"):
+            return False  # nothing new yet, or a character still incomplete
+        old_length = len(self.text)
+        self.text += current[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._check_stop(old_length)
+
+    def _check_stop(self, old_length: int) -> bool:
+        # A stop string ending in the new text starts at most len(s) - 1 characters before it.
+        for s in self.stop:
+            at = self.text.find(s, max(0, old_length - len(s) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                self._release(len(self.text))
+                return True
+        self._release(len(self.text) - self._held_back())
+        return False
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the unreleased text that begins some stop string."""
+        pending = len(self.text) - self.released
+        for n in range(min(pending, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def _release(self, end: int) -> None:
+        if end > self.released:
+            if self.stream is not None:
+                self.stream(self.text[self.released : end])
+            self.released = end
+
+    def finish(self) -> str:
+        """Release everything left (including an incomplete character) and return the text."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        rest = self._decode(self.ids[self.prefix_offset :])[len(prefix) :]
+        if rest:
+            old_length = len(self.text)
+            self.text += rest
+            self.prefix_offset = self.read_offset = len(self.ids)
+            if self._check_stop(old_length):
+                return self.text
+        self._release(len(self.text))
+        return self.text
+
+
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, chunk_size, max_seq_len, stop) -> list[str]:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0.0 or math.isinf(temperature):  # also rejects NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be None or an integer >= 1, got {max_seq_len!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or s == "" for s in stops):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return stops
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | Sequence[dict],
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    eos: bool = True,
+    stream: Callable[[str], None] | None = None,
+    chat: bool = False,
+    compile: bool = True,
+    max_seq_len: int | None = None,
+    chunk_size: int | None = None,
+) -> GenerationResult:
+    """Generate text from a prompt with a static KV cache and a compiled decode step.
+
+    Args:
+        model: a transformers causal LM (``BitNetForCausalLM``, patched or not), batch size 1.
+        tokenizer: its transformers tokenizer.
+        prompt: a string, or a list of ``{"role", "content"}`` messages (always rendered with
+            the chat template).
+        max_new_tokens: how many tokens to generate at most (0 returns at once).
+        temperature: 0 for greedy decoding; otherwise sampling at this temperature.
+        top_k, top_p: sampling filters (None = off); see :func:`sample`.
+        seed: seeds a private ``torch.Generator``, so sampling is reproducible and leaves the
+            global RNG alone; None samples from torch's global RNG.
+        stop: strings that end generation; the text is cut before the first one.
+        eos: stop at an end-of-sequence token (:func:`eos_token_ids`); False runs to the limit.
+        stream: called with each piece of new text as soon as it is final (whole characters,
+            never part of a stop string); the pieces add up to ``result.text``.
+        chat: render a string prompt as one user message of the chat template, with the
+            assistant's generation prompt.
+        compile: compile the decode step (the first call per model and cache length compiles:
+            ``result.compile_seconds``).
+        max_seq_len: KV cache length (prompt + new tokens). Default: the smallest power of two
+            >= 256 that fits, capped at ``config.max_position_embeddings``; generation stops
+            with ``stop_reason == "max_seq_len"`` when the cache is full.
+        chunk_size: prefill chunk length (default :func:`default_chunk_size`).
+
+    Raises:
+        ValueError: bad arguments, an empty prompt, or a prompt longer than the cache.
+    """
+    stops = _check_args(max_new_tokens, temperature, top_k, top_p, chunk_size, max_seq_len, stop)
+    prompt_ids = _encode(tokenizer, prompt, chat)
+    n_prompt = len(prompt_ids)
+    if max_new_tokens == 0:
+        return GenerationResult("", [], n_prompt, 0, 0.0, 0.0, 0.0, "length")
+
+    limit = max_seq_len or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and n_prompt > limit:
+        what = "max_seq_len" if max_seq_len else "the model's max_position_embeddings"
+        raise ValueError(f"the prompt has {n_prompt} tokens, more than the KV cache holds ({what} = {limit})")
+    # Producing N tokens writes the prompt and N - 1 of them to the cache (the last is not fed back).
+    session = _session_for(model, n_prompt + max_new_tokens - 1, max_seq_len, compile)
+    compile_seconds = session.warm_up(model)
+
+    device = _model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_ids = eos_token_ids(model, tokenizer) if eos else set()
+    text_stream = _TextStream(tokenizer, stops, stream)
+
+    def next_token(logits: torch.Tensor) -> torch.Tensor:  # (1, vocab) float32 -> (1, 1) int64
+        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    session.reset()
+    start = time.perf_counter()
+    logits = prefill(model, torch.tensor([prompt_ids], device=device), session.cache, chunk_size)
+    token = next_token(logits)
+    prefill_seconds = time.perf_counter() - start
+
+    new_ids: list[int] = []
+    position = torch.tensor([n_prompt], device=device)  # (1,) position of `token`, advanced in place
+    decode_seconds = 0.0
+    steps = 0
+    while True:
+        token_id = int(token)
+        new_ids.append(token_id)
+        if token_id in stop_ids:
+            stop_reason = "eos"
+            break
+        if text_stream.push(token_id):
+            stop_reason = "stop"
+            break
+        if len(new_ids) == max_new_tokens:
+            stop_reason = "length"
+            break
+        if n_prompt + len(new_ids) > session.max_seq_len:
+            stop_reason = "max_seq_len"
+            break
+        # The hot loop: one fixed-shape compiled step per token; sampling stays eager (it needs
+        # the Python generator, and it is a few operations on one row of logits).
+        step_start = time.perf_counter()
+        logits = session.step(model, token, position)
+        token = next_token(logits)
+        position += 1
+        decode_seconds += time.perf_counter() - step_start
+        steps += 1
+
+    text = text_stream.finish() if stop_reason != "stop" else text_stream.text
+    return GenerationResult(
+        text=text,
+        token_ids=new_ids,
+        prompt_tokens=n_prompt,
+        new_tokens=len(new_ids),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        compile_seconds=compile_seconds,
+        stop_reason=stop_reason,
+        decode_steps=steps,
+    )

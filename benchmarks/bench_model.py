@@ -25,26 +25,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench_bitlinear import cpu_model  # the sibling script (this directory is on sys.path)
+
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prepare_checkpoints(workdir: Path) -> tuple[Path, Path]:
@@ -177,7 +168,7 @@ def main() -> None:
     if not args.skip_transformers:
         results["transformers"] = _run_child(args, "transformers", bitlinear_dir)
 
-    print(f"CPU: {_cpu_model()} | threads: {args.threads} | torch {torch.__version__} | "
+    print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | "
           f"{datetime.date.today().isoformat()} | prompt {args.prompt_len} tokens, decode {args.new_tokens} "
           f"(transformers: {args.hf_new_tokens})")
     print("model: random weights at the microsoft/bitnet-b1.58-2B-4T shape (30 layers, 2560/6912, 20/5 heads, "

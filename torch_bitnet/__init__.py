@@ -3,7 +3,8 @@
 Public API:
 
 * ops (``torch.ops.bitnet.*``, with typed wrappers): :func:`quantize_act`,
-  :func:`ternary_mm`, :func:`bitlinear`, :func:`stream_max`
+  :func:`ternary_mm`, :func:`bitlinear`, :func:`stream_max`, and the int8 KV cache ops
+  :func:`kv_cache_write`, :func:`int8_attention`
 * the packed weight format: :mod:`torch_bitnet.packing`
 * plain-PyTorch semantics of every op: :mod:`torch_bitnet.reference`
 * SIMD path control: :func:`available_isas`, :func:`get_isa`, :func:`set_isa`, :func:`use_isa`
@@ -18,7 +19,7 @@ from .generate import GenerationResult, generate
 from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
 from .nn import BitLinear
-from .ops import bitlinear, quantize_act, stream_max, ternary_mm
+from .ops import bitlinear, int8_attention, kv_cache_write, quantize_act, stream_max, ternary_mm
 from .packing import from_hf_packed, pack_ternary, ternarize, to_hf_packed, unpack_ternary
 from .patch import patch, replace_linear
 
@@ -31,6 +32,8 @@ __all__ = [
     "from_pretrained",
     "GenerationResult",
     "generate",
+    "int8_attention",
+    "kv_cache_write",
     "patch",
     "replace_linear",
     "save_pretrained",

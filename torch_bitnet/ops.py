@@ -22,7 +22,7 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
 
 from .packing import check_features, check_packed
 
-__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max"]
+__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max", "kv_cache_write", "int8_attention"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,6 +89,40 @@ def _stream_max_fake(buf: torch.Tensor) -> torch.Tensor:
     return torch.empty((), dtype=torch.uint8, device=buf.device)
 
 
+def _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions) -> None:
+    """The shape and dtype checks of the int8 attention ops (values are checked in C++)."""
+    for cache, scale, what in ((k_cache, k_scale, "key cache"), (v_cache, v_scale, "value cache")):
+        if cache.dtype != torch.int8:
+            raise TypeError(f"bitnet: {what} must be int8, got {cache.dtype}")
+        if cache.dim() != 4:
+            raise ValueError(f"bitnet: {what} must be (batch, kv_heads, max_len, head_dim), got {tuple(cache.shape)}")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != tuple(cache.shape[:3]):
+            raise ValueError(f"bitnet: {what} scales must be float32 of shape {tuple(cache.shape[:3])}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"bitnet: key cache {tuple(k_cache.shape)} and value cache {tuple(v_cache.shape)} differ")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: queries/keys/values must be float32, bfloat16 or float16, got {q.dtype}")
+    if q.dim() != 4 or q.shape[0] != k_cache.shape[0] or q.shape[3] != k_cache.shape[3]:
+        raise ValueError(f"bitnet: tensor of shape {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    if positions.dtype != torch.int64 or tuple(positions.shape) != (q.shape[2],):
+        raise ValueError(f"bitnet: positions must be int64 of shape ({q.shape[2]},)")
+
+
+@torch.library.register_fake("bitnet::kv_cache_write")
+def _kv_cache_write_fake(k_cache, k_scale, v_cache, v_scale, k, v, positions) -> None:
+    _check_attention_shapes(k, k_cache, k_scale, v_cache, v_scale, positions)
+    if k.shape[1] != k_cache.shape[1] or k.shape != v.shape:
+        raise ValueError(f"bitnet: new keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit the cache")
+
+
+@torch.library.register_fake("bitnet::int8_attention")
+def _int8_attention_fake(q, k_cache, k_scale, v_cache, v_scale, positions, scale: float) -> torch.Tensor:
+    _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions)
+    if q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"bitnet: {q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} kv heads")
+    return torch.empty_like(q)
+
+
 def _no_backward(ctx, *grads):
     raise RuntimeError(
         f"bitnet: {ctx.op_name} is an inference op and has no gradient; run the model under "
@@ -105,7 +139,7 @@ def _register_no_backward(op_name: str) -> None:
     torch.library.register_autograd(op_name, _no_backward, setup_context=setup_context)
 
 
-for _name in ("bitnet::quantize_act", "bitnet::bitlinear"):
+for _name in ("bitnet::quantize_act", "bitnet::bitlinear", "bitnet::int8_attention"):
     _register_no_backward(_name)
 
 
@@ -165,3 +199,33 @@ def bitlinear(
 def stream_max(buf: torch.Tensor) -> torch.Tensor:
     """Maximum of a uint8 tensor, read once with the widest vector loads (a bandwidth yardstick)."""
     return torch.ops.bitnet.stream_max.default(buf)
+
+
+def kv_cache_write(k_cache, k_scale, v_cache, v_scale, k, v, positions) -> None:
+    """Quantize new keys and values into an int8 KV cache, in place.
+
+    Args:
+        k_cache, v_cache: int8 (batch, kv_heads, max_len, head_dim), contiguous; mutated.
+        k_scale, v_scale: float32 (batch, kv_heads, max_len); mutated.
+        k, v: float (batch, kv_heads, Q, head_dim), the new tokens' keys and values.
+        positions: int64 (Q,), the cache positions they go to (each in [0, max_len)).
+
+    Each vector gets its own scale ``max|x| / 127`` (see :func:`torch_bitnet.reference.kv_quantize`).
+    """
+    torch.ops.bitnet.kv_cache_write.default(k_cache, k_scale, v_cache, v_scale, k, v, positions)
+
+
+def int8_attention(q, k_cache, k_scale, v_cache, v_scale, positions, scale: float) -> torch.Tensor:
+    """Causal grouped-query attention of float queries over an int8 KV cache.
+
+    Args:
+        q: float32/bfloat16/float16 (batch, heads, Q, head_dim); heads a multiple of kv_heads.
+        k_cache, k_scale, v_cache, v_scale: as written by :func:`kv_cache_write`.
+        positions: int64 (Q,), each query's cache position; it attends to positions 0..p.
+        scale: the softmax scale, usually head_dim ** -0.5.
+
+    Returns:
+        (batch, heads, Q, head_dim) in ``q.dtype`` (computed in float32, softmax with the
+        maximum subtracted). Semantics: :func:`torch_bitnet.reference.int8_attention`.
+    """
+    return torch.ops.bitnet.int8_attention.default(q, k_cache, k_scale, v_cache, v_scale, positions, scale)

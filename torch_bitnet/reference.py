@@ -87,3 +87,63 @@ def stream_max(buf: torch.Tensor) -> torch.Tensor:
     if buf.numel() == 0:
         return torch.zeros((), dtype=torch.uint8)
     return buf.max()
+
+
+def kv_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector symmetric int8 of keys or values: x (..., D) float -> (q int8 (..., D), s float32 (...)).
+
+    In float32: ``s = max|x| / 127`` (``0`` for an all-zero vector), ``q = round(x / s)`` (half
+    to even; 0 where s is 0), so that ``q * s`` dequantizes. One scale per token and head keeps
+    an outlier in one token from coarsening every other token's grid.
+    """
+    xf = x.float()
+    s = xf.abs().amax(dim=-1) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = (xf / safe.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def kv_cache_write(
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Quantize new keys/values (B, KVH, Q, D) and store them at ``positions`` (Q,) of the int8
+    caches (B, KVH, L, D) and their scales (B, KVH, L), in place."""
+    kq, ks = kv_quantize(k)
+    vq, vs = kv_quantize(v)
+    k_cache[:, :, positions] = kq
+    v_cache[:, :, positions] = vq
+    k_scale[:, :, positions] = ks
+    v_scale[:, :, positions] = vs
+
+
+def int8_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal grouped-query attention of float queries over an int8 KV cache.
+
+    q (B, H, Q, D) at cache ``positions`` (Q,); caches (B, KVH, L, D) int8 with scales
+    (B, KVH, L); H a multiple of KVH (query head h reads kv head h // (H / KVH)). The query at
+    position p attends to cache positions 0..p. In float32: softmax((q . k_j) * ks_j * scale)
+    weighted sum of v_j * vs_j. Returns (B, H, Q, D) in q's dtype.
+    """
+    b, h, qlen, d = q.shape
+    kvh, length = k_cache.shape[1], k_cache.shape[2]
+    groups = h // kvh
+    k = (k_cache.float() * k_scale.unsqueeze(-1)).repeat_interleave(groups, dim=1)  # (B, H, L, D)
+    v = (v_cache.float() * v_scale.unsqueeze(-1)).repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, Q, L)
+    visible = torch.arange(length).view(1, length) <= positions.view(qlen, 1)  # (Q, L)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).to(q.dtype)

@@ -147,4 +147,15 @@ inline float act_scale_from_amax(float amax) {
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum);
 
+// ---- int8 KV cache (attention_scalar.cpp) ----
+
+// One key or value vector of d floats -> int8 q and scale s with q * s ~ x:
+// s = max|x| / 127, q = round(x / s) (0 when s == 0).
+void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale);
+
+// Attention of one query row q (d floats) over the first n cached positions: k, v int8 (n, d)
+// with per-position scales; scores is scratch of n floats; out gets d floats.
+void int8_attention_row(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
+                        const float* v_scale, int64_t n, int64_t d, float scale, float* scores, float* out);
+
 }  // namespace tbn

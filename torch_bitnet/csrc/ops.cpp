@@ -209,6 +209,98 @@ at::Tensor stream_max_cpu(const at::Tensor& buf) {
   return at::full({}, mx, buf.options());
 }
 
+// ---- int8 KV cache ----
+
+void check_cache(const at::Tensor& cache, const at::Tensor& scale, const char* what) {
+  check_cpu(cache, what);
+  TORCH_CHECK_TYPE(cache.scalar_type() == at::kChar, "bitnet: ", what, " must be int8, got ", cache.scalar_type());
+  TORCH_CHECK_VALUE(cache.dim() == 4 && cache.is_contiguous(), "bitnet: ", what,
+                    " must be a contiguous (batch, kv_heads, max_len, head_dim) tensor, got shape ", cache.sizes());
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "bitnet: ", what, " scales must be float32, got ",
+                   scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.is_contiguous() && scale.sizes() == cache.sizes().slice(0, 3), "bitnet: ", what,
+                    " scales have shape ", scale.sizes(), ", expected ", cache.sizes().slice(0, 3));
+}
+
+// Positions as int64 values, each checked to lie in [0, max_len).
+std::vector<int64_t> check_positions(const at::Tensor& positions, int64_t count, int64_t max_len) {
+  check_cpu(positions, "positions");
+  TORCH_CHECK_TYPE(positions.scalar_type() == at::kLong, "bitnet: positions must be int64, got ",
+                   positions.scalar_type());
+  TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == count, "bitnet: positions has shape ",
+                    positions.sizes(), ", expected [", count, "] (one per query / new token)");
+  const auto p = positions.contiguous();
+  std::vector<int64_t> out(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + count);
+  for (int64_t v : out)
+    TORCH_CHECK_VALUE(v >= 0 && v < max_len, "bitnet: position ", v, " is outside the cache (0 .. ", max_len - 1, ")");
+  return out;
+}
+
+void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_cache, at::Tensor& v_scale,
+                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions) {
+  check_cache(k_cache, k_scale, "key cache");
+  check_cache(v_cache, v_scale, "value cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "bitnet: key cache ", k_cache.sizes(),
+                    " and value cache ", v_cache.sizes(), " differ in shape");
+  for (const at::Tensor* t : {&k, &v}) {
+    check_cpu(*t, "new keys/values");
+    dtype_of(*t, "new keys/values");
+    TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) &&
+                          t->size(3) == k_cache.size(3),
+                      "bitnet: new keys/values have shape ", t->sizes(), ", expected [", k_cache.size(0), ", ",
+                      k_cache.size(1), ", Q, ", k_cache.size(3), "] for the cache");
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "bitnet: new keys ", k.sizes(), " and values ", v.sizes(), " differ");
+  const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3), len = k_cache.size(2);
+  const auto pos = check_positions(positions, n, len);
+  const auto kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
+  // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each.
+  at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t src = (r * n + i) * d, dst = r * len + pos[size_t(i)];
+        kv_quantize_row(kf.data_ptr<float>() + src, d, k_cache.data_ptr<int8_t>() + dst * d,
+                        k_scale.data_ptr<float>() + dst);
+        kv_quantize_row(vf.data_ptr<float>() + src, d, v_cache.data_ptr<int8_t>() + dst * d,
+                        v_scale.data_ptr<float>() + dst);
+      }
+  });
+}
+
+at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_scale,
+                              const at::Tensor& v_cache, const at::Tensor& v_scale, const at::Tensor& positions,
+                              double scale) {
+  check_cpu(q, "queries");
+  dtype_of(q, "queries");
+  check_cache(k_cache, k_scale, "key cache");
+  check_cache(v_cache, v_scale, "value cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "bitnet: key cache ", k_cache.sizes(),
+                    " and value cache ", v_cache.sizes(), " differ in shape");
+  TORCH_CHECK_VALUE(q.dim() == 4, "bitnet: queries must be (batch, heads, Q, head_dim), got shape ", q.sizes());
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t kvh = k_cache.size(1), len = k_cache.size(2);
+  TORCH_CHECK_VALUE(b == k_cache.size(0), "bitnet: queries have batch ", b, ", the cache ", k_cache.size(0));
+  TORCH_CHECK_VALUE(d == k_cache.size(3), "bitnet: queries have head_dim ", d, ", the cache ", k_cache.size(3));
+  TORCH_CHECK_VALUE(h % kvh == 0, "bitnet: ", h, " query heads are not a multiple of ", kvh, " kv heads");
+  const auto pos = check_positions(positions, n, len);
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
+  const int64_t groups = h / kvh;
+  // One task per (batch, head); each query row attends to positions 0 .. pos[i].
+  at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scores(static_cast<size_t>(len));
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t kv = (r / h) * kvh + (r % h) / groups;  // cache (batch, kv head) row block
+      for (int64_t i = 0; i < n; ++i)
+        int8_attention_row(qf.data_ptr<float>() + (r * n + i) * d, k_cache.data_ptr<int8_t>() + kv * len * d,
+                           k_scale.data_ptr<float>() + kv * len, v_cache.data_ptr<int8_t>() + kv * len * d,
+                           v_scale.data_ptr<float>() + kv * len, pos[size_t(i)] + 1, d, float(scale),
+                           scores.data(), out.data_ptr<float>() + (r * n + i) * d);
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
 std::vector<std::string> supported_isas_op() { return supported_isa_names(); }
 std::string get_isa_op() { return current_isa_name(); }
 void set_isa_op(const std::string& name) { select_isa(name); }
@@ -223,6 +315,12 @@ TORCH_LIBRARY(bitnet, m) {
       "bitlinear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int out_features) "
       "-> Tensor");
   m.def("stream_max(Tensor buf) -> Tensor");
+  m.def(
+      "kv_cache_write(Tensor(a!) k_cache, Tensor(b!) k_scale, Tensor(c!) v_cache, Tensor(d!) v_scale, Tensor k, "
+      "Tensor v, Tensor positions) -> ()");
+  m.def(
+      "int8_attention(Tensor q, Tensor k_cache, Tensor k_scale, Tensor v_cache, Tensor v_scale, Tensor positions, "
+      "float scale) -> Tensor");
   // Kernel-path control (no tensors, so they are not traced by torch.compile).
   m.def("supported_isas() -> str[]", &tbn::supported_isas_op);
   m.def("get_isa() -> str", &tbn::get_isa_op);
@@ -234,6 +332,8 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("ternary_mm", &tbn::ternary_mm_cpu);
   m.impl("bitlinear", &tbn::bitlinear_cpu);
   m.impl("stream_max", &tbn::stream_max_cpu);
+  m.impl("kv_cache_write", &tbn::kv_cache_write_cpu);
+  m.impl("int8_attention", &tbn::int8_attention_cpu);
 }
 
 // The library is imported as the Python module torch_bitnet._C; importing it runs the

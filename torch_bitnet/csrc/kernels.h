@@ -126,6 +126,9 @@ struct Kernels {
   void (*gemm)(const GemmProblem& p, int64_t n0, int64_t n1);
   // Maximum of n bytes.
   uint8_t (*stream_max)(const uint8_t* p, int64_t n);
+  // Attention of one query row over an int8 KV cache: see int8_attention_row below.
+  void (*attention_row)(const float* q, const int8_t* k, const float* k_scale, const int8_t* v, const float* v_scale,
+                        int64_t n, int64_t d, float scale, float* scores, float* out);
 };
 
 extern const Kernels kScalarKernels;
@@ -147,7 +150,8 @@ inline float act_scale_from_amax(float amax) {
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum);
 
-// ---- int8 KV cache (attention_scalar.cpp) ----
+// ---- int8 KV cache (attention_scalar.cpp; the AVX-512 attention row is in kernels_avx512.cpp,
+// the AVX2 table uses the portable one) ----
 
 // One key or value vector of d floats -> int8 q and scale s with q * s ~ x:
 // s = max|x| / 127, q = round(x / s) (0 when s == 0).

@@ -286,13 +286,14 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const auto qf = q.to(at::kFloat).contiguous();
   auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
   const int64_t groups = h / kvh;
+  const Kernels& kern = kernels();
   // One task per (batch, head); each query row attends to positions 0 .. pos[i].
   at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(static_cast<size_t>(len));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t kv = (r / h) * kvh + (r % h) / groups;  // cache (batch, kv head) row block
       for (int64_t i = 0; i < n; ++i)
-        int8_attention_row(qf.data_ptr<float>() + (r * n + i) * d, k_cache.data_ptr<int8_t>() + kv * len * d,
+        kern.attention_row(qf.data_ptr<float>() + (r * n + i) * d, k_cache.data_ptr<int8_t>() + kv * len * d,
                            k_scale.data_ptr<float>() + kv * len, v_cache.data_ptr<int8_t>() + kv * len * d,
                            v_scale.data_ptr<float>() + kv * len, pos[size_t(i)] + 1, d, float(scale),
                            scores.data(), out.data_ptr<float>() + (r * n + i) * d);

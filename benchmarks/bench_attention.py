@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Decode attention over an int8 KV cache versus SDPA over fp32 and bf16 caches.
+
+    python benchmarks/bench_attention.py [--threads N] [--contexts 512,2048,4096]
+
+Geometry of microsoft/bitnet-b1.58-2B-4T: 20 query heads, 5 KV heads, head_dim 128, 30
+layers. For each context length one decode token attends, in every one of the 30 layers,
+to that layer's own cache (30 distinct caches, as in a real decode step, so the caches are
+read from DRAM rather than from a warm L3). Reported per token (30 layers): time of
+``torch_bitnet.int8_attention`` over int8 caches, of ``scaled_dot_product_attention`` (GQA)
+over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
+warm-up, all in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import torch_bitnet
+from bench_bitlinear import cpu_model  # the sibling script (this directory is on sys.path)
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 20, 5, 128
+
+
+def per_token(step, repeats: int) -> float:
+    """Median seconds of one decode token (all layers)."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--contexts", default="512,2048,4096", help="comma-separated context lengths")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
+    print(f"geometry: {LAYERS} layers x {HEADS} heads / {KV_HEADS} kv heads x head_dim {HEAD_DIM}; one decode token")
+    print(f"{'context':>8} | {'int8 ms':>8} {'MB':>7} | {'sdpa fp32 ms':>12} {'MB':>7} {'x':>5} | "
+          f"{'sdpa bf16 ms':>12} {'MB':>7} {'x':>5}")
+    g = torch.Generator().manual_seed(0)
+    scale = HEAD_DIM**-0.5
+    with torch.inference_mode():
+        for ctx in (int(c) for c in args.contexts.split(",")):
+            q = torch.randn(1, HEADS, 1, HEAD_DIM, generator=g)
+            pos = torch.tensor([ctx - 1])
+            int8_caches, f32_caches = [], []
+            for _ in range(LAYERS):
+                k = torch.randn(1, KV_HEADS, ctx, HEAD_DIM, generator=g)
+                v = torch.randn(1, KV_HEADS, ctx, HEAD_DIM, generator=g)
+                cache = (torch.empty(1, KV_HEADS, ctx, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, ctx),
+                         torch.empty(1, KV_HEADS, ctx, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, ctx))
+                torch_bitnet.kv_cache_write(*cache, k, v, torch.arange(ctx))
+                int8_caches.append(cache)
+                f32_caches.append((k, v))
+            bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in f32_caches]
+            qb = q.bfloat16()
+
+            def ours():
+                for cache in int8_caches:
+                    torch_bitnet.int8_attention(q, *cache, pos, scale)
+
+            def sdpa(caches, query):
+                def run():
+                    for k, v in caches:
+                        F.scaled_dot_product_attention(query, k, v, enable_gqa=True)
+                return run
+
+            t8 = per_token(ours, args.repeats)
+            t32 = per_token(sdpa(f32_caches, q), args.repeats)
+            t16 = per_token(sdpa(bf16_caches, qb), args.repeats)
+            mb8 = sum(t.numel() * t.element_size() for c in int8_caches for t in c) / 1e6
+            mb32 = sum(t.numel() * t.element_size() for c in f32_caches for t in c) / 1e6
+            mb16 = mb32 / 2
+            print(f"{ctx:>8} | {t8 * 1e3:8.2f} {mb8:7.0f} | {t32 * 1e3:12.2f} {mb32:7.0f} {t32 / t8:5.1f} | "
+                  f"{t16 * 1e3:12.2f} {mb16:7.0f} {t16 / t8:5.1f}")
+    print("x = SDPA time / int8 time (> 1: int8 attention is faster); MB = cache bytes of all 30 layers")
+
+
+if __name__ == "__main__":
+    main()

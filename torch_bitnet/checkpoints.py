@@ -268,18 +268,8 @@ def random_linear_weight(
     target = 0.5 + 2.5 * torch.rand((), generator=g, dtype=torch.float64).item()
     std = target * math.sqrt(math.pi / 2)  # E|N(0, std^2)| = std * sqrt(2 / pi)
     master = torch.randn(shapes[name], generator=g).mul_(std).to(dtype)
-    wq, scale = _ternarize(master)
+    wq, scale = ternarize(master)
     return master, wq, scale
-
-
-def _ternarize(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``packing.ternarize`` with in-place float32 steps: the same operations, so the same bits
-    (a test checks), in about half the time (it dominates writing the 2B-4T shape)."""
-    w = master.float() if master.dtype != torch.float32 else master.clone()
-    mean = w.abs().mean().clamp(min=1e-5)
-    inv = 1.0 / mean
-    wq = w.mul_(inv).round_().clamp_(-1, 1).to(torch.int8)
-    return wq, mean.reshape(1)
 
 
 def random_ternary_weights(

@@ -153,10 +153,12 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"torch_bitnet: ternarize expects a floating-point weight, got {weight.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"torch_bitnet: ternarize expects a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.float()
+    # A float32 working copy, updated in place: the same operations (so the same bits) as
+    # (w * inv).round().clamp(-1, 1) without three more full-size temporaries.
+    w = weight.float() if weight.dtype != torch.float32 else weight.clone()
     mean = w.abs().mean().clamp(min=1e-5)
     inv = 1.0 / mean
-    wq = (w * inv).round().clamp(-1, 1).to(torch.int8)
+    wq = w.mul_(inv).round_().clamp_(-1, 1).to(torch.int8)
     return wq, mean.reshape(1)
 
 

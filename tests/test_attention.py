@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_bitnet
 from torch_bitnet import reference
@@ -29,12 +30,15 @@ def _cache(b, kvh, length, d):
     )
 
 
-def _sdpa(q, k, v, positions):
-    """SDPA with GQA expansion and the causal-over-cache mask (query at p sees 0..p)."""
+def _sdpa(q, k, v, positions, mask=None):
+    """SDPA with GQA expansion and the causal-over-cache mask (query at p sees 0..p), and'ed
+    with the optional bool mask (B, Q, Lm), Lm <= L (positions past Lm hidden)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    mask = torch.arange(k.shape[2]).view(1, -1) <= positions.view(-1, 1)
-    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    visible = torch.arange(k.shape[2]).view(1, -1) <= positions.view(-1, 1)  # (Q, L)
+    if mask is not None:
+        visible = visible & F.pad(mask, (0, k.shape[2] - mask.shape[-1])).unsqueeze(1)  # (B, 1, Q, L)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible)
 
 
 @given(
@@ -94,24 +98,102 @@ def test_softmax_is_stable_for_huge_scores(isa):
     assert bool(torch.isfinite(out).all())
 
 
+@given(
+    b=st.integers(1, 3),
+    kvh=st.integers(1, 2),
+    groups=st.sampled_from([1, 3, 4]),
+    d=st.sampled_from([16, 40, 64]),  # 40: not a multiple of 16, the portable kernel
+    length=st.integers(1, 200),
+    data=st.data(),
+    four_d=st.booleans(),
+)
+def test_masked_attention_matches_reference_and_sdpa(isa, b, kvh, groups, d, length, data, four_d):
+    g = torch.Generator().manual_seed(length * 11 + d + b)
+    qlen = data.draw(st.integers(1, min(length, 8)), label="qlen")
+    positions = torch.tensor(sorted(data.draw(st.lists(st.integers(0, length - 1), min_size=qlen, max_size=qlen))))
+    lm = data.draw(st.integers(int(positions.max()) + 1, length), label="Lm")
+    density = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="density")  # 0: every row sees nothing
+    mask = torch.rand(b, qlen, lm, generator=g) < density
+    cache = _cache(b, kvh, length, d)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(b, kvh, length, d, generator=g) * 2,
+                                    torch.randn(b, kvh, length, d, generator=g), torch.arange(length))
+    q = torch.randn(b, kvh * groups, qlen, d, generator=g)
+    # (B, 1, Q, Lm), transformers' layout, given as a non-contiguous view.
+    given_mask = mask.unsqueeze(1).transpose(2, 3).contiguous().transpose(2, 3) if four_d else mask
+    out = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, given_mask)
+    torch.testing.assert_close(out, reference.int8_attention(q, *cache, positions, d**-0.5, given_mask),
+                               atol=1e-5, rtol=1e-5)
+    kc, ks, vc, vs = cache
+    expected = _sdpa(q, kc.float() * ks.unsqueeze(-1), vc.float() * vs.unsqueeze(-1), positions, mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    causal = torch.arange(lm).view(1, -1) <= positions.view(-1, 1)
+    blind = ~(mask & causal).any(-1)  # (B, Q): rows that see no position
+    assert bool((out.permute(0, 2, 1, 3)[blind] == 0).all())
+
+
+def test_fully_masked_rows_give_zeros(isa):
+    # Batch 0 query 1 and all of batch 1 see nothing; the other rows must be unaffected.
+    cache = _cache(2, 1, 16, 64)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(2, 1, 16, 64), torch.randn(2, 1, 16, 64), torch.arange(16))
+    q = torch.randn(2, 2, 3, 64)
+    positions = torch.tensor([5, 9, 15])
+    mask = torch.ones(2, 3, 16, dtype=torch.bool)
+    mask[0, 1, :10] = False  # only positions > 9 allowed, the causal limit is 9
+    mask[1] = False
+    out = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125, mask)
+    assert bool((out[0, :, 1] == 0).all()) and bool((out[1] == 0).all())
+    unmasked = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
+    torch.testing.assert_close(out[0, :, [0, 2]], unmasked[0, :, [0, 2]], atol=0, rtol=0)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_all_true_mask_equals_no_mask(isa):
+    cache = _cache(1, 2, 64, 128)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 64, 128), torch.randn(1, 2, 64, 128), torch.arange(64))
+    q, positions = torch.randn(1, 8, 4, 128), torch.tensor([10, 20, 40, 63])
+    out = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.1, torch.ones(1, 4, 64, dtype=torch.bool))
+    assert torch.equal(out, torch_bitnet.ops.int8_attention(q, *cache, positions, 0.1))
+
+
 def test_opcheck_and_compile():
     cache = _cache(2, 2, 32, 64)
     k, v = torch.randn(2, 2, 5, 64), torch.randn(2, 2, 5, 64)
     torch.library.opcheck(torch.ops.bitnet.kv_cache_write.default, (*cache, k, v, torch.arange(3, 8)))
     q = torch.randn(2, 4, 5, 64)
     torch.library.opcheck(torch.ops.bitnet.int8_attention.default, (q, *cache, torch.arange(3, 8), 0.125))
+    mask = torch.rand(2, 1, 5, 20) < 0.7  # (batch, 1, Q, Lm), transformers' layout
+    torch.library.opcheck(torch.ops.bitnet.int8_attention.default, (q, *cache, torch.arange(3, 8), 0.125, mask))
+    torch.library.opcheck(torch.ops.bitnet.int8_attention.default, (q, *cache, torch.arange(3, 8), 0.125, mask[:, 0]))
 
-    def step(q, k, v, pos, kc, ks, vc, vs):
+    def step(q, k, v, pos, mask, kc, ks, vc, vs):
         torch_bitnet.ops.kv_cache_write(kc, ks, vc, vs, k, v, pos)
-        return torch_bitnet.ops.int8_attention(q, kc, ks, vc, vs, pos, 0.125)
+        return torch_bitnet.ops.int8_attention(q, kc, ks, vc, vs, pos, 0.125, mask)
 
     eager_cache, compiled_cache = _cache(2, 2, 32, 64), _cache(2, 2, 32, 64)
-    expected = step(q, k, v, torch.arange(5), *eager_cache)
+    expected = step(q, k, v, torch.arange(5), mask, *eager_cache)
     torch._dynamo.reset()
-    got = torch.compile(step, fullgraph=True)(q, k, v, torch.arange(5), *compiled_cache)
+    got = torch.compile(step, fullgraph=True)(q, k, v, torch.arange(5), mask, *compiled_cache)
     assert torch.equal(got, expected)
     for a, e in zip(compiled_cache, eager_cache):  # the mutation happened inside the graph
         assert torch.equal(a, e)
+
+
+_MASK_ERRORS = [
+    (dict(mask=torch.ones(1, 1, 8)), TypeError, "mask must be bool"),
+    (dict(mask=torch.ones(1, 8, dtype=torch.bool)), ValueError, r"mask must be \(batch, Q, Lm\)"),
+    (dict(mask=torch.ones(1, 2, 1, 8, dtype=torch.bool)), ValueError, r"mask must be \(batch, Q, Lm\)"),
+    (dict(mask=torch.ones(2, 1, 8, dtype=torch.bool)), ValueError, "expected batch 1 and Q 1"),
+    (dict(mask=torch.ones(1, 3, 8, dtype=torch.bool)), ValueError, "expected batch 1 and Q 1"),
+    (dict(mask=torch.ones(1, 1, 9, dtype=torch.bool)), ValueError, "at most the cache length 8"),
+]
+
+
+def _attention_args(change):
+    k_cache, k_scale, v_cache, v_scale = _cache(1, 2, 8, 16)
+    args = dict(q=torch.randn(1, 4, 1, 16), k_cache=k_cache, k_scale=k_scale, v_cache=v_cache,
+                v_scale=v_scale, positions=torch.tensor([3]))
+    args.update(change)
+    return args
 
 
 @pytest.mark.parametrize(
@@ -125,14 +207,22 @@ def test_opcheck_and_compile():
         (dict(positions=torch.tensor([1.0])), TypeError, "positions must be int64"),
         (dict(k_cache=torch.zeros(1, 2, 8, 16)), TypeError, "key cache must be int8"),
         (dict(k_scale=torch.zeros(1, 2, 7)), ValueError, "key cache scales have shape"),
+        *_MASK_ERRORS,
+        # Needs the positions' values: only the real op can check it, not the fake kernel.
+        (dict(mask=torch.ones(1, 1, 3, dtype=torch.bool)), ValueError, r"at least max\(positions\) \+ 1 = 4"),
     ],
 )
 def test_attention_errors(change, error, match):
-    k_cache, k_scale, v_cache, v_scale = _cache(1, 2, 8, 16)
-    args = dict(q=torch.randn(1, 4, 1, 16), k_cache=k_cache, k_scale=k_scale, v_cache=v_cache,
-                v_scale=v_scale, positions=torch.tensor([3]))
-    args.update(change)
     with pytest.raises(error, match=match):
+        torch_bitnet.ops.int8_attention(**_attention_args(change), scale=0.25)
+
+
+@pytest.mark.parametrize("change, error, match", _MASK_ERRORS)
+def test_mask_errors_at_trace_time(change, error, match):
+    # The fake kernel (what torch.compile traces) raises the real op's error and message.
+    mode = FakeTensorMode()
+    args = {name: mode.from_tensor(t) for name, t in _attention_args(change).items()}
+    with mode, pytest.raises(error, match=match):
         torch_bitnet.ops.int8_attention(**args, scale=0.25)
 
 

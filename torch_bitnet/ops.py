@@ -115,12 +115,31 @@ def _kv_cache_write_fake(k_cache, k_scale, v_cache, v_scale, k, v, positions) ->
         raise ValueError(f"bitnet: new keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit the cache")
 
 
+def _check_mask(mask, q, k_cache) -> None:
+    """The dtype / shape checks of int8_attention's mask (Lm > max(positions) is checked in C++)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"bitnet: mask must be bool (True = may attend), got {mask.dtype}")
+    if not (mask.dim() == 3 or (mask.dim() == 4 and mask.shape[1] == 1)):
+        raise ValueError(f"bitnet: mask must be (batch, Q, Lm) or (batch, 1, Q, Lm), got shape {tuple(mask.shape)}")
+    if mask.shape[0] != q.shape[0] or mask.shape[-2] != q.shape[2]:
+        raise ValueError(
+            f"bitnet: mask has shape {tuple(mask.shape)}, expected batch {q.shape[0]} and Q {q.shape[2]} (batch, Q, Lm)"
+        )
+    if mask.shape[-1] > k_cache.shape[2]:
+        raise ValueError(
+            f"bitnet: mask covers {mask.shape[-1]} cache positions; it must cover at most the cache length "
+            f"{k_cache.shape[2]}"
+        )
+
+
 @torch.library.register_fake("bitnet::int8_attention")
-def _int8_attention_fake(q, k_cache, k_scale, v_cache, v_scale, positions, scale: float) -> torch.Tensor:
+def _int8_attention_fake(q, k_cache, k_scale, v_cache, v_scale, positions, scale: float, mask=None) -> torch.Tensor:
     _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions)
     if q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"bitnet: {q.shape[1]} query heads are not a multiple of {k_cache.shape[1]} kv heads")
-    return torch.empty_like(q)
+    if mask is not None:
+        _check_mask(mask, q, k_cache)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _no_backward(ctx, *grads):
@@ -215,7 +234,16 @@ def kv_cache_write(k_cache, k_scale, v_cache, v_scale, k, v, positions) -> None:
     torch.ops.bitnet.kv_cache_write.default(k_cache, k_scale, v_cache, v_scale, k, v, positions)
 
 
-def int8_attention(q, k_cache, k_scale, v_cache, v_scale, positions, scale: float) -> torch.Tensor:
+def int8_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal grouped-query attention of float queries over an int8 KV cache.
 
     Args:
@@ -223,9 +251,15 @@ def int8_attention(q, k_cache, k_scale, v_cache, v_scale, positions, scale: floa
         k_cache, k_scale, v_cache, v_scale: as written by :func:`kv_cache_write`.
         positions: int64 (Q,), each query's cache position; it attends to positions 0..p.
         scale: the softmax scale, usually head_dim ** -0.5.
+        mask: optional bool (batch, Q, Lm), or (batch, 1, Q, Lm) as transformers' sdpa masks
+            are laid out, with max(positions) < Lm <= max_len; any strides. True = may attend:
+            query i of batch b sees cache position j iff ``j <= positions[i] and mask[b, i, j]``
+            (e.g. left padding). The same mask serves every head.
 
     Returns:
         (batch, heads, Q, head_dim) in ``q.dtype`` (computed in float32, softmax with the
-        maximum subtracted). Semantics: :func:`torch_bitnet.reference.int8_attention`.
+        maximum subtracted). A query that sees no position at all gets zeros (a plain softmax
+        would give NaN; torch's SDPA returns zeros too). Semantics:
+        :func:`torch_bitnet.reference.int8_attention`.
     """
-    return torch.ops.bitnet.int8_attention.default(q, k_cache, k_scale, v_cache, v_scale, positions, scale)
+    return torch.ops.bitnet.int8_attention.default(q, k_cache, k_scale, v_cache, v_scale, positions, scale, mask)

@@ -130,13 +130,18 @@ def int8_attention(
     v_scale: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention of float queries over an int8 KV cache.
 
     q (B, H, Q, D) at cache ``positions`` (Q,); caches (B, KVH, L, D) int8 with scales
     (B, KVH, L); H a multiple of KVH (query head h reads kv head h // (H / KVH)). The query at
-    position p attends to cache positions 0..p. In float32: softmax((q . k_j) * ks_j * scale)
-    weighted sum of v_j * vs_j. Returns (B, H, Q, D) in q's dtype.
+    position p attends to the cache positions j <= p that the optional bool ``mask``
+    (B, Q, Lm) or (B, 1, Q, Lm), max(positions) < Lm <= L, allows (True = may attend; it is
+    shared by all heads). In float32: softmax((q . k_j) * ks_j * scale) weighted sum of
+    v_j * vs_j. A query that sees no position at all gets zeros (a plain softmax would give
+    NaN; torch's scaled_dot_product_attention also returns zeros). Returns (B, H, Q, D) in
+    q's dtype.
     """
     b, h, qlen, d = q.shape
     kvh, length = k_cache.shape[1], k_cache.shape[2]
@@ -145,5 +150,10 @@ def int8_attention(
     v = (v_cache.float() * v_scale.unsqueeze(-1)).repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, Q, L)
     visible = torch.arange(length).view(1, length) <= positions.view(qlen, 1)  # (Q, L)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return (scores.softmax(-1) @ v).to(q.dtype)
+    visible = visible.expand(b, 1, qlen, length)  # (B, 1, Q, L), broadcast over heads
+    if mask is not None:
+        mask = mask.reshape(b, 1, qlen, mask.shape[-1])
+        visible = visible & torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=False)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows seeing nothing: 0, not NaN
+    return (probs @ v).to(q.dtype)

@@ -128,7 +128,7 @@ struct Kernels {
   uint8_t (*stream_max)(const uint8_t* p, int64_t n);
   // Attention of one query row over an int8 KV cache: see int8_attention_row below.
   void (*attention_row)(const float* q, const int8_t* k, const float* k_scale, const int8_t* v, const float* v_scale,
-                        int64_t n, int64_t d, float scale, float* scores, float* out);
+                        const uint8_t* mask, int64_t n, int64_t d, float scale, float* scores, float* out);
 };
 
 extern const Kernels kScalarKernels;
@@ -158,8 +158,11 @@ void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, in
 void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale);
 
 // Attention of one query row q (d floats) over the first n cached positions: k, v int8 (n, d)
-// with per-position scales; scores is scratch of n floats; out gets d floats.
+// with per-position scales. mask: null (all n visible) or n bytes, 0 = position hidden;
+// hidden positions get no weight, and a row that sees no position at all gets out = 0.
+// scores is scratch of n floats; out gets d floats.
 void int8_attention_row(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
-                        const float* v_scale, int64_t n, int64_t d, float scale, float* scores, float* out);
+                        const float* v_scale, const uint8_t* mask, int64_t n, int64_t d, float scale, float* scores,
+                        float* out);
 
 }  // namespace tbn

@@ -202,14 +202,17 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
 // head_dim a multiple of 16 (64, 128...): int8 rows are widened to float in registers, 16
 // lanes at a time; other head_dims take the portable kernel.
 TB_AVX512 void attention_row_avx512(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
-                                    const float* v_scale, int64_t n, int64_t d, float scale, float* scores,
-                                    float* out) {
+                                    const float* v_scale, const uint8_t* mask, int64_t n, int64_t d, float scale,
+                                    float* scores, float* out) {
   if (d % 16 != 0) {
-    int8_attention_row(q, k, k_scale, v, v_scale, n, d, scale, scores, out);
+    int8_attention_row(q, k, k_scale, v, v_scale, mask, n, d, scale, scores, out);
     return;
   }
+  // Hidden positions (mask[j] == 0) are skipped in every pass, as in the portable kernel.
   float m = -std::numeric_limits<float>::infinity();
+  bool any = false;
   for (int64_t j = 0; j < n; ++j) {
+    if (mask && !mask[j]) continue;
     const int8_t* kj = k + j * d;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t t = 0; t < d; t += 16) {
@@ -218,14 +221,18 @@ TB_AVX512 void attention_row_avx512(const float* q, const int8_t* k, const float
     }
     scores[j] = _mm512_reduce_add_ps(acc) * k_scale[j] * scale;
     m = std::max(m, scores[j]);
+    any = true;
   }
+  for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(out + t, _mm512_setzero_ps());
+  if (!any) return;  // nothing visible: zeros
   float sum = 0.f;
   for (int64_t j = 0; j < n; ++j) {
+    if (mask && !mask[j]) continue;
     scores[j] = std::exp(scores[j] - m);  // softmax with the maximum subtracted: no overflow
     sum += scores[j];
   }
-  for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(out + t, _mm512_setzero_ps());
   for (int64_t j = 0; j < n; ++j) {
+    if (mask && !mask[j]) continue;
     const __m512 w = _mm512_set1_ps(scores[j] * v_scale[j]);
     const int8_t* vj = v + j * d;
     for (int64_t t = 0; t < d; t += 16) {

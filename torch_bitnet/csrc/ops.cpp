@@ -267,9 +267,27 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
   });
 }
 
+// The optional attention mask as a contiguous bool (batch, Q, Lm) tensor, Lm in (max(pos), max_len];
+// transformers' sdpa layout (batch, 1, Q, Lm) is accepted and squeezed.
+at::Tensor check_mask(const at::Tensor& mask, int64_t b, int64_t n, int64_t len, const std::vector<int64_t>& pos) {
+  check_cpu(mask, "mask");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "bitnet: mask must be bool (True = may attend), got ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 3 || (mask.dim() == 4 && mask.size(1) == 1), "bitnet: mask must be (batch, Q, Lm) ",
+                    "or (batch, 1, Q, Lm), got shape ", mask.sizes());
+  const at::Tensor m = mask.dim() == 4 ? mask.squeeze(1) : mask;
+  TORCH_CHECK_VALUE(m.size(0) == b && m.size(1) == n, "bitnet: mask has shape ", mask.sizes(), ", expected batch ", b,
+                    " and Q ", n, " (batch, Q, Lm)");
+  const int64_t needed = n ? *std::max_element(pos.begin(), pos.end()) + 1 : 1;
+  TORCH_CHECK_VALUE(m.size(2) >= needed && m.size(2) <= len, "bitnet: mask covers ", m.size(2),
+                    " cache positions; it must cover at least max(positions) + 1 = ", needed,
+                    " and at most the cache length ", len);
+  return m.contiguous();
+}
+
 at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_scale,
                               const at::Tensor& v_cache, const at::Tensor& v_scale, const at::Tensor& positions,
-                              double scale) {
+                              double scale, const std::optional<at::Tensor>& mask) {
   check_cpu(q, "queries");
   dtype_of(q, "queries");
   check_cache(k_cache, k_scale, "key cache");
@@ -283,11 +301,15 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   TORCH_CHECK_VALUE(d == k_cache.size(3), "bitnet: queries have head_dim ", d, ", the cache ", k_cache.size(3));
   TORCH_CHECK_VALUE(h % kvh == 0, "bitnet: ", h, " query heads are not a multiple of ", kvh, " kv heads");
   const auto pos = check_positions(positions, n, len);
+  const at::Tensor mk = mask ? check_mask(*mask, b, n, len, pos) : at::Tensor();
+  // (batch, Q, Lm) bytes, bool stored as 0 / 1.
+  const uint8_t* mask_data = mk.defined() ? reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>()) : nullptr;
+  const int64_t mask_len = mk.defined() ? mk.size(2) : 0;
   const auto qf = q.to(at::kFloat).contiguous();
   auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
   const int64_t groups = h / kvh;
   const Kernels& kern = kernels();
-  // One task per (batch, head); each query row attends to positions 0 .. pos[i].
+  // One task per (batch, head); each query row attends to positions 0 .. pos[i] its mask row allows.
   at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(static_cast<size_t>(len));
     for (int64_t r = r0; r < r1; ++r) {
@@ -295,8 +317,9 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
       for (int64_t i = 0; i < n; ++i)
         kern.attention_row(qf.data_ptr<float>() + (r * n + i) * d, k_cache.data_ptr<int8_t>() + kv * len * d,
                            k_scale.data_ptr<float>() + kv * len, v_cache.data_ptr<int8_t>() + kv * len * d,
-                           v_scale.data_ptr<float>() + kv * len, pos[size_t(i)] + 1, d, float(scale),
-                           scores.data(), out.data_ptr<float>() + (r * n + i) * d);
+                           v_scale.data_ptr<float>() + kv * len,
+                           mask_data ? mask_data + ((r / h) * n + i) * mask_len : nullptr, pos[size_t(i)] + 1, d,
+                           float(scale), scores.data(), out.data_ptr<float>() + (r * n + i) * d);
     }
   });
   return out.to(q.scalar_type());
@@ -321,7 +344,7 @@ TORCH_LIBRARY(bitnet, m) {
       "Tensor v, Tensor positions) -> ()");
   m.def(
       "int8_attention(Tensor q, Tensor k_cache, Tensor k_scale, Tensor v_cache, Tensor v_scale, Tensor positions, "
-      "float scale) -> Tensor");
+      "float scale, Tensor? mask=None) -> Tensor");
   // Kernel-path control (no tensors, so they are not traced by torch.compile).
   m.def("supported_isas() -> str[]", &tbn::supported_isas_op);
   m.def("get_isa() -> str", &tbn::get_isa_op);

@@ -12,10 +12,13 @@ Public API:
   :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
 * generation: :func:`generate` (static KV cache, compiled decode step), :class:`GenerationResult`
+* the KV cache of patched models (int8 on :func:`int8_attention`, or float on SDPA):
+  :mod:`torch_bitnet.kv_cache`, :func:`set_kv_cache_dtype`
 """
 
-from . import packing, reference
+from . import kv_cache, packing, reference
 from .generate import GenerationResult, generate
+from .kv_cache import set_kv_cache_dtype
 from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
 from .nn import BitLinear
@@ -33,6 +36,7 @@ __all__ = [
     "GenerationResult",
     "generate",
     "int8_attention",
+    "kv_cache",
     "kv_cache_write",
     "patch",
     "replace_linear",
@@ -45,6 +49,7 @@ __all__ = [
     "quantize_act",
     "reference",
     "set_isa",
+    "set_kv_cache_dtype",
     "stream_max",
     "ternarize",
     "ternary_mm",

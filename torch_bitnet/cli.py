@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "two >= 256 that fits; for chat: 1024, doubled (and recompiled) when the conversation "
         "outgrows it. Every decode step attends over the whole cache, so larger is slower",
     )
+    engine.add_argument(
+        "--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
+        help="how the KV cache stores keys and values: int8 (torch_bitnet's int8 attention, half the "
+        "bytes of bf16) or a float cache attended by PyTorch's SDPA (default: $BITNET_KV_CACHE_DTYPE "
+        "or int8)",
+    )
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -213,12 +219,18 @@ def _load(args):
 
     from .loading import from_pretrained, resolve_model_path
 
+    from .kv_cache import default_kv_cache_dtype
+
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    _info(f"loading {path} ({args.dtype}, {torch.get_num_threads()} threads)")
+    try:
+        kv_cache_dtype = args.kv_cache_dtype or default_kv_cache_dtype()
+    except ValueError as err:  # a bad BITNET_KV_CACHE_DTYPE
+        raise UsageError(str(err)) from None
+    _info(f"loading {path} ({args.dtype}, {kv_cache_dtype} KV cache, {torch.get_num_threads()} threads)")
     start = time.perf_counter()
     try:
         directory = resolve_model_path(path)
-        model = from_pretrained(directory, dtype=dtype)
+        model = from_pretrained(directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as err:  # missing files (FileNotFoundError), not a BitNet checkpoint
         raise UsageError(f"cannot load model {path!r}: {err}") from None

@@ -9,16 +9,14 @@ Three small functions do the work:
   serves every step up to the cache length, with no recompilation;
 * :func:`generate` tokenizes, prefills, samples, detokenizes incrementally and times it all.
 
-Both run transformers' sdpa attention with two shortcuts for a static cache (``_static_sdpa``):
-the decode step folds the query heads of grouped-query attention onto their key/value heads
-(under torch.compile transformers would copy the whole cache once per layer and step), and a
-prefill chunk attends only to the cache positions it can see, not to the whole cache.
-
-The model is a transformers ``BitNetForCausalLM`` (patched with torch_bitnet's ops or not);
-the cache is transformers' own ``StaticCache``, so the model's attention code fills it. A
-``StaticCache`` keeps its write position as a tensor (``cumulative_length``) and advances it
-itself on every forward; the position we pass (``position_ids``, for RoPE) is always the same
-number, kept in lockstep by the functions below.
+The cache is a transformers ``StaticCache`` whose layers come from :mod:`torch_bitnet.kv_cache`:
+int8 keys and values on torch_bitnet's attention ops (``kv_cache_dtype="int8"``, the default),
+or a float cache on SDPA (``"bf16"`` / ``"fp32"``). The model's attention code fills it; both
+steps run the model with the ``"torch_bitnet"`` attention function (switched on for the call if
+the model uses transformers' sdpa or eager attention). A ``StaticCache`` keeps its write
+position as a tensor (``cumulative_length``) and advances it itself on every forward; the
+position we pass (``position_ids``, for RoPE) is always the same number, kept in lockstep by
+the functions below.
 
 The cache and its compiled step live on a :class:`DecodeSession`; :func:`generate` keeps one
 session per model (looked up weakly, so it never keeps a model alive) and reuses it as long as
@@ -38,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import kv_cache
 
 __all__ = [
     "DecodeSession",
@@ -185,71 +185,21 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk_size: int | 
     return out.logits[:, -1].float()
 
 
-# The model runs a variant of transformers' "sdpa" attention function inside prefill and the
-# decode step (registered with transformers as _ATTENTION, switched on by _static_attention):
-#
-# * One query token (decode): transformers repeats the key/value heads of grouped-query
-#   attention (repeat_kv: a copy of the whole cache, in every layer, at every step) whenever it
-#   runs under torch.compile; only in eager mode does it fold the query heads of each key/value
-#   head into rows of one attention call (pack_gqa: views only). This always folds. Measured on
-#   4 layers of the 2B-4T shape (20 heads over 5 kv heads, head dim 128, bf16, 1 thread), the
-#   compiled decode step costs 9.5 -> 5.7 ms per token with a 256-token cache, 26 -> 6.2 ms at
-#   1024, 91 -> 13 ms at 4096.
-# * A prefill chunk (eager): the static cache is max_seq_len long, but the chunk's queries see
-#   only the positions up to its last one; the rest is masked out. Attention over just those
-#   positions gives the same result with less work (2B-4T, bf16, 2 threads, a 1024-token
-#   prompt into a 2048-token cache in 256-token chunks: 104 -> 128 prompt tokens/s, at which
-#   point prefill is bound by the bitlinear kernels).
-#
-# Everything else (eager mode with other masks, dynamic caches...) is transformers' function.
-_ATTENTION = "torch_bitnet_static_sdpa"
-
-
-def _static_sdpa(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
-    """transformers attention function: query (B, H, Q, D), key / value (B, KVH, L, D), mask
-    (B, 1, Q, L) or None, position_ids (B, Q); returns (B, Q, H, D) and no weights."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_len, head_dim = query.shape
-    if q_len == 1 and groups > 1 and (attention_mask is None or attention_mask.shape[1] == 1):
-        # Query head h = g * groups + r reads kv head g: rows r of batch entry g (repeat_kv's order).
-        folded = query.reshape(batch, heads // groups, groups, head_dim)  # (B, KVH, groups, D)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            folded, key, value, attn_mask=attention_mask, scale=scaling
-        )
-        return out.reshape(batch, 1, heads, head_dim), None
-    if q_len > 1 and position_ids is not None and not torch.compiler.is_compiling():
-        live = int(position_ids.max()) + 1  # cache positions 0 .. live - 1 can be attended to
-        if live < key.shape[2]:
-            key, value = key[:, :, :live], value[:, :, :live]  # (B, KVH, live, D)
-            attention_mask = None if attention_mask is None else attention_mask[..., :live]
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, position_ids=position_ids, **kwargs
-    )
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(_ATTENTION, _static_sdpa)
-    AttentionMaskInterface.register(_ATTENTION, sdpa_mask)  # the masks sdpa gets
-
-
 @contextlib.contextmanager
 def _static_attention(model: nn.Module):
-    """Run an "sdpa" model with :func:`_static_sdpa` inside the block (others unchanged)."""
+    """Run the model with :func:`torch_bitnet.kv_cache.attention` inside the block (the int8
+    cache needs it; a float cache takes its shortcuts for static caches) if it supports it."""
     config = model.config
-    if config._attn_implementation != "sdpa":
+    previous = config._attn_implementation
+    if previous == kv_cache.ATTENTION or kv_cache.unsupported_reason(model) is not None:
         yield
         return
-    _register_attention()
-    config._attn_implementation = _ATTENTION
+    kv_cache.register_attention()
+    config._attn_implementation = kv_cache.ATTENTION
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = previous
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -261,30 +211,49 @@ def _model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _new_static_cache(model: nn.Module, max_seq_len: int):
-    """A transformers ``StaticCache`` of ``max_seq_len`` positions, allocated now.
+def _new_static_cache(model: nn.Module, max_seq_len: int, kv_cache_dtype: str | None):
+    """The session's cache, allocated now (final addresses before anything is compiled).
 
-    Allocating now (not lazily inside the first forward) gives the keys and values their
-    final addresses before anything is compiled: keys and values are
-    (1, num_key_value_heads, max_seq_len, head_dim) per layer, in the model's dtype.
+    torch_bitnet's layers (:func:`torch_bitnet.kv_cache.new_static_cache`) when the model's
+    attention supports them; otherwise transformers' own ``StaticCache`` in the model's dtype
+    (``kv_cache_dtype`` must then be None).
     """
+    if kv_cache.unsupported_reason(model) is None:
+        return kv_cache.new_static_cache(model, max_seq_len, kv_cache_dtype)
+    if kv_cache_dtype is not None:
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r} needs torch_bitnet's attention, which this model cannot use: "
+            f"{kv_cache.unsupported_reason(model)}"
+        )
     from transformers import StaticCache
 
     config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = StaticCache(config=config, max_cache_len=max_seq_len)
     cache.early_initialization(
         batch_size=1,
         num_heads=config.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         dtype=_model_dtype(model),
         device=_model_device(model),
     )
     return cache
 
 
+def _resolve_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str | None) -> str | None:
+    """The cache kind a session gets: the argument, else the model's setting, else the
+    environment's default; None for models that cannot use torch_bitnet's attention."""
+    if kv_cache_dtype is not None:
+        return kv_cache.check_kv_cache_dtype(kv_cache_dtype)
+    if kv_cache.unsupported_reason(model) is not None:
+        return None
+    return kv_cache.get_kv_cache_dtype(model) or kv_cache.default_kv_cache_dtype()
+
+
 class DecodeSession:
     """A static KV cache for one model and the decode step that runs on it.
+
+    ``kv_cache_dtype`` (``int8`` | ``bf16`` | ``fp32``) defaults to the model's setting
+    (:func:`torch_bitnet.kv_cache.set_kv_cache_dtype`), else ``BITNET_KV_CACHE_DTYPE``, else int8.
 
     :meth:`step` runs ``torch.compile(decode_one_token, fullgraph=True, dynamic=False)`` (or
     the plain function with ``compile=False``) on the session's cache. :meth:`warm_up` compiles
@@ -293,14 +262,16 @@ class DecodeSession:
     every call.
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int, *, compile: bool = True):
+    def __init__(self, model: nn.Module, max_seq_len: int, *, compile: bool = True, kv_cache_dtype: str | None = None):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.compiled = compile
         self.dtype = _model_dtype(model)
+        # None: transformers' StaticCache in the model's dtype (models torch_bitnet cannot attend for)
+        self.kv_cache_dtype = _resolve_kv_cache_dtype(model, kv_cache_dtype)
         with torch.inference_mode():
-            self.cache = _new_static_cache(model, max_seq_len)
+            self.cache = _new_static_cache(model, max_seq_len, self.kv_cache_dtype)
         self._step: Callable = (
             torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
         )
@@ -350,29 +321,35 @@ def _auto_cache_len(needed: int, limit: int) -> int:
     return min(limit, max(_MIN_CACHE_LEN, 1 << (needed - 1).bit_length()))
 
 
-def _session_for(model: nn.Module, needed: int, max_seq_len: int | None, compile: bool) -> DecodeSession:
+def _session_for(
+    model: nn.Module, needed: int, max_seq_len: int | None, compile: bool, kv_cache_dtype: str | None
+) -> DecodeSession:
     """The model's session if it fits the request, else a new one (which replaces it)."""
     session = _SESSIONS.get(model)
     fits = (
         session is not None
         and session.compiled == compile
         and session.dtype == _model_dtype(model)
+        and session.kv_cache_dtype == _resolve_kv_cache_dtype(model, kv_cache_dtype)
         and (session.max_seq_len == max_seq_len if max_seq_len is not None else session.max_seq_len >= needed)
     )
     if not fits:
         if max_seq_len is None:
             limit = getattr(model.config, "max_position_embeddings", None) or needed
             max_seq_len = _auto_cache_len(needed, limit)
-        session = DecodeSession(model, max_seq_len, compile=compile)
+        session = DecodeSession(model, max_seq_len, compile=compile, kv_cache_dtype=kv_cache_dtype)
         _SESSIONS[model] = session
     return session
 
 
-def prepare(model: nn.Module, max_seq_len: int, *, compile: bool = True) -> DecodeSession:
+def prepare(
+    model: nn.Module, max_seq_len: int, *, compile: bool = True, kv_cache_dtype: str | None = None
+) -> DecodeSession:
     """Allocate the model's KV cache and compile its decode step now, instead of in the first
     :func:`generate` call (an interactive chat compiles before the first question). Later
-    :func:`generate` calls reuse the session while it is long enough."""
-    session = _session_for(model, max_seq_len, max_seq_len, compile)
+    :func:`generate` calls with the same ``compile`` and ``kv_cache_dtype`` reuse the session
+    while it is long enough."""
+    session = _session_for(model, max_seq_len, max_seq_len, compile, kv_cache_dtype)
     session.warm_up(model)
     return session
 
@@ -570,6 +547,7 @@ def generate(
     compile: bool = True,
     max_seq_len: int | None = None,
     chunk_size: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> GenerationResult:
     """Generate text from a prompt with a static KV cache and a compiled decode step.
 
@@ -595,6 +573,9 @@ def generate(
             >= 256 that fits, capped at ``config.max_position_embeddings``; generation stops
             with ``stop_reason == "max_seq_len"`` when the cache is full.
         chunk_size: prefill chunk length (default :func:`default_chunk_size`).
+        kv_cache_dtype: ``int8`` | ``bf16`` | ``fp32``: how the KV cache stores keys and
+            values (int8 on torch_bitnet's attention ops, float on SDPA). Default: the model's
+            setting (``patch`` / ``from_pretrained``), else ``BITNET_KV_CACHE_DTYPE``, else int8.
 
     Raises:
         ValueError: bad arguments, an empty prompt, or a prompt longer than the cache.
@@ -610,7 +591,7 @@ def generate(
         what = "max_seq_len" if max_seq_len else "the model's max_position_embeddings"
         raise ValueError(f"the prompt has {n_prompt} tokens, more than the KV cache holds ({what} = {limit})")
     # Producing N tokens writes the prompt and N - 1 of them to the cache (the last is not fed back).
-    session = _session_for(model, n_prompt + max_new_tokens - 1, max_seq_len, compile)
+    session = _session_for(model, n_prompt + max_new_tokens - 1, max_seq_len, compile, kv_cache_dtype)
     compile_seconds = session.warm_up(model)
 
     device = _model_device(model)

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .kv_cache import set_kv_cache_dtype
 from .nn import BitLinear
 from .packing import from_hf_packed, packed_shape, ternarize
 
@@ -207,6 +208,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.bfloat16,
     revision: str | None = None,
     progress: bool | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> torch.nn.Module:
     """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
 
@@ -217,6 +219,9 @@ def from_pretrained(
             float32); BitLinear weights are always packed 2-bit.
         revision: hub revision, for hub ids.
         progress: show a progress bar over layers (default: for models of more than 4 layers).
+        kv_cache_dtype: ``int8`` | ``bf16`` | ``fp32``, how the model's KV cache stores keys
+            and values (:func:`torch_bitnet.kv_cache.set_kv_cache_dtype`); default
+            ``BITNET_KV_CACHE_DTYPE``, else int8.
 
     Returns:
         The model in eval mode, without gradients, equal to
@@ -297,7 +302,7 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
-    return model
+    return set_kv_cache_dtype(model, kv_cache_dtype)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .kv_cache import set_kv_cache_dtype
 from .nn import BitLinear
 from .packing import from_hf_packed
 
@@ -69,7 +70,7 @@ def convert_module(module: nn.Module, name: str = "") -> BitLinear | None:
     return None
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, *, kv_cache_dtype: str | None = None) -> nn.Module:
     """Replace every transformers BitNet layer of ``model`` with :class:`torch_bitnet.nn.BitLinear`.
 
     Handles all the ways transformers 5.x loads BitNet: ``AutoBitLinear`` offline (packed
@@ -77,6 +78,10 @@ def patch(model: nn.Module) -> nn.Module:
     online (float master weights, ternarized here) and ``BitLinear`` (packed uint8 buffers).
     Norms, embeddings and ``lm_head`` are left as they are. The model is modified in place and
     returned; each replaced layer's float or unpacked weight is freed.
+
+    The model's KV cache then stores keys and values in ``kv_cache_dtype`` (``int8``,
+    the default unless ``BITNET_KV_CACHE_DTYPE`` says otherwise, on torch_bitnet's attention
+    ops; ``bf16`` / ``fp32`` on SDPA): see :func:`torch_bitnet.kv_cache.set_kv_cache_dtype`.
 
     Raises:
         ValueError: the model has no BitNet layer to patch, or an offline weight is not ternary.
@@ -95,7 +100,7 @@ def patch(model: nn.Module) -> nn.Module:
             "nn.Linear layers."
         )
     logger.info("torch_bitnet.patch: converted %d BitNet layers", converted)
-    return model
+    return set_kv_cache_dtype(model, kv_cache_dtype)
 
 
 def _default_filter(skip: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
@@ -110,6 +115,7 @@ def replace_linear(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     *,
     skip: tuple[str, ...] = ("lm_head",),
+    kv_cache_dtype: str | None = None,
 ) -> nn.Module:
     """Replace plain ``nn.Linear`` layers with ternary :class:`BitLinear` layers (absmean).
 
@@ -119,6 +125,8 @@ def replace_linear(
             returns True are replaced (as in torchao's ``quantize_``). Default: all but ``skip``.
         skip: module names (or name suffixes) left alone when ``filter_fn`` is None; ``lm_head``
             by default.
+        kv_cache_dtype: for transformers models (those with a ``config``), how the KV cache
+            stores keys and values, as in :func:`patch`; other modules are not affected.
 
     Ternarizing weights that were not trained for it destroys a model's quality; use this for
     BitNet-trained or BitNet-fine-tuned weights, or to measure speed. Warns if nothing matched.
@@ -132,4 +140,7 @@ def replace_linear(
         replaced += 1
     if replaced == 0:
         warnings.warn("torch_bitnet.replace_linear: no nn.Linear layer matched; the model is unchanged", stacklevel=2)
+        return model
+    if hasattr(model, "config"):
+        set_kv_cache_dtype(model, kv_cache_dtype)
     return model

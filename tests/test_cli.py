@@ -55,7 +55,7 @@ def test_help_explains_every_option(capsys, argv):
     out = capsys.readouterr().out
     expected = ["generate", "chat"] if not argv else [
         "--model", "--threads", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-        "--no-compile", "--chunk-size", "--dtype", "--max-seq-len",
+        "--no-compile", "--chunk-size", "--dtype", "--max-seq-len", "--kv-cache-dtype",
     ]
     per_command = {
         "generate": ["--prompt", "--stop", "--ignore-eos", "--chat"],
@@ -94,6 +94,23 @@ def test_generate_options_reach_generate(capsys, checkpoint, reference, monkeypa
             "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "7", *FAST]
     code, out, _ = run(capsys, argv)
     assert code == 0 and out == sampled.text + "\n"
+
+
+@pytest.mark.parametrize("kv", ["fp32", "bf16", "int8"])
+def test_kv_cache_dtype_option_and_environment(capsys, checkpoint, reference, monkeypatch, kv):
+    """--kv-cache-dtype reaches the model; without it BITNET_KV_CACHE_DTYPE does; a bad value
+    in the environment is a usage error (status 2)."""
+    model, tokenizer = reference
+    expected = generate(model, tokenizer, PROMPT, 8, compile=False, eos=False, kv_cache_dtype=kv)
+    argv = ["generate", "--model", checkpoint, "--prompt", PROMPT, "--max-new-tokens", "8", "--ignore-eos", *FAST]
+    code, out, err = run(capsys, [*argv, "--kv-cache-dtype", kv])
+    assert code == 0 and out == expected.text + "\n" and f"{kv} KV cache" in err
+    monkeypatch.setenv("BITNET_KV_CACHE_DTYPE", kv)
+    code, out, err = run(capsys, argv)
+    assert code == 0 and out == expected.text + "\n" and f"{kv} KV cache" in err
+    monkeypatch.setenv("BITNET_KV_CACHE_DTYPE", "fp8")
+    code, out, err = run(capsys, argv)
+    assert code == 2 and "BITNET_KV_CACHE_DTYPE" in err and "Traceback" not in err
 
 
 def test_chat_keeps_history_and_resets(capsys, checkpoint, reference, monkeypatch):
@@ -135,7 +152,8 @@ def test_no_model_and_bad_options_exit_2(capsys, checkpoint):
     assert cli.DEFAULT_MODEL is None  # until a built-in default model exists
     code, _, err = run(capsys, ["generate", "--prompt", "x"])
     assert code == 2 and "--model" in err
-    for bad in (["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "0"], ["--dtype", "float8"]):
+    for bad in (["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "0"], ["--dtype", "float8"],
+                ["--kv-cache-dtype", "int4"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(["generate", "--model", checkpoint, "--prompt", "x", *bad])
         assert exc.value.code == 2

@@ -1,7 +1,8 @@
-"""The ``torch-bitnet`` command: generate text from a prompt, or chat, with a BitNet model.
+"""The ``torch-bitnet`` command: generate text from a prompt, chat, or benchmark a model.
 
     torch-bitnet generate --model PATH --prompt "Once upon a time"
     torch-bitnet chat --model PATH
+    torch-bitnet bench [--threads 1,2] [--json FILE] [--plot PNG]
 
 Text goes to stdout as it is produced; progress, speeds and errors go to stderr, so the
 output of ``generate`` can be piped. Errors a user can fix (a missing model, a bad option)
@@ -177,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         "peak memory are printed to stderr after every answer.",
     )
     chat.add_argument("--system", metavar="TEXT", help="a system message at the start of the conversation")
+
+    from .bench import add_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure speed and memory (default: random weights at the 2B-4T shape)",
+        description="Measure a whole model, each thread count in a fresh process: load time, decode-step "
+        "compile time (cold and with a warm inductor cache), time to first token and prompt tokens/s, "
+        "decode tokens/s, peak RSS, weight and KV cache bytes, and the decode's memory bandwidth against "
+        "the machine's read bandwidth measured in the same run. Without --model it writes (once) a "
+        "random-weight checkpoint with the exact shape and on-disk format of "
+        "microsoft/bitnet-b1.58-2B-4T.",
+    )
+    add_arguments(bench)
     return parser
 
 
@@ -339,6 +354,21 @@ def _chat_turn(model, tokenizer, history: list[dict], args):
     return result
 
 
+def run_bench(args) -> int:
+    from .bench import run
+
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    try:
+        run(args)
+    except (OSError, RuntimeError) as err:  # a missing checkpoint, a failed child process
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``torch-bitnet`` console script; returns the exit status."""
     parser = build_parser()
@@ -351,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     previous_level = log.level
     log.setLevel(logging.INFO)
     try:
+        if args.command == "bench":
+            return run_bench(args)
         return run_generate(args) if args.command == "generate" else run_chat(args)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""torch_bitnet.bench and ``torch-bitnet bench`` on a small checkpoint (the 2B-4T default is
+what users run; writing it takes minutes, so it is exercised by hand, see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torch_bitnet import bench, checkpoints, cli
+from torch_bitnet.loading import from_pretrained
+from torch_bitnet.nn import BitLinear
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return checkpoints.write_checkpoint(tmp_path_factory.mktemp("bench"), checkpoints.small_config("gqa"), seed=3)
+
+
+def test_bytes_by_kind_counts_every_tensor_once(checkpoint):
+    model = from_pretrained(checkpoint, dtype=torch.bfloat16)
+    sizes = bench.bytes_by_kind(model)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    assert sum(sizes.values()) == sum(unique.values())
+    ternary = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, BitLinear) for t in m.buffers())
+    assert sizes["ternary"] == ternary > 0
+    embedding = model.get_input_embeddings().weight
+    assert sizes["embedding"] == embedding.numel() * 2
+    assert sizes["lm_head"] == 0  # tied to the embedding (as in 2B-4T)
+    assert sizes["norms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_command_measures_in_a_child_and_writes_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--model", str(checkpoint), "--prompt-len", "16", "--new-tokens", "4", "--threads", "1",
+                     "--kv-cache-dtype", "bf16", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "prompt tok/s" in printed and "decode tok/s" in printed and "read bandwidth" in printed
+    run = json.loads(out.read_text())["torch_bitnet"][0]
+    assert run["threads"] == 1 and run["kv_cache_dtype"] == "bf16"
+    for key in ("load_s", "compile_cold_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "stream_gb_s", "peak_rss_mb"):
+        assert run[key] > 0, key
+    assert run["compile_warm_s"] < run["compile_cold_s"]
+    assert run["peak_rss_mb"] >= run["load_peak_rss_mb"]
+    # bf16 cache of 20 positions: 2 layers x (K, V) x 2 kv heads x 32 dims x 2 bytes per position
+    assert run["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 2 * 20
+
+
+def test_bench_errors_are_usage_errors(tmp_path, capsys):
+    code = cli.main(["bench", "--model", str(tmp_path), "--threads", "1"])
+    assert code == 2 and "config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--threads", "0"])
+    assert exc.value.code == 2

@@ -1,0 +1,430 @@
+"""``torch-bitnet bench``: speed and memory of a whole model, by default at the 2B-4T shape.
+
+    torch-bitnet bench                          # random weights, shape of bitnet-b1.58-2B-4T
+    torch-bitnet bench --threads 1,2 --plot threads.png --json out.json
+    torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
+
+Each configuration (one per thread count) runs in a fresh child process, so its peak RSS is
+its own. A run: load the model (seconds, peak RSS after loading), compile the decode step with
+an empty inductor cache (cold) and again after ``torch._dynamo.reset()`` (warm: what a second
+run of the same model pays), prefill a prompt (time to first token, prompt tokens/s), decode
+new tokens with the compiled step (tokens/s), then peak RSS, the model's bytes by kind, the KV
+cache bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
+threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
+but the embedding table, plus the KV cache at the mean context) times tokens/s.
+
+The default model is written once into ``--workdir`` (random ternary weights in the exact
+on-disk format of microsoft/bitnet-b1.58-2B-4T, converted to torch_bitnet's packed layout;
+about 1.7 GB together); its text is meaningless, its speed is the real model's.
+``--transformers`` also runs transformers' own BitNet path on the same weights, for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["bytes_by_kind", "cpu_model", "default_workdir", "measure", "prepare_checkpoint", "run"]
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_bitnet" / "bench"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _rss_mb() -> float:
+    """Resident memory now (not the peak)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def prepare_checkpoint(workdir: Path, *, transformers_copy: bool = False) -> tuple[Path, Path | None]:
+    """Write (once) the random 2B-4T-shaped checkpoint and its torch_bitnet conversion.
+
+    Returns (our packed checkpoint, the same weights in transformers' ``bitlinear`` layout if
+    ``transformers_copy``, hard-linked, else None).
+    """
+    import torch
+
+    from .checkpoints import bitnet_config, write_checkpoint
+    from .loading import convert_checkpoint
+
+    hf_dir, ours_dir = workdir / "2b4t-offline", workdir / "2b4t-torch_bitnet"
+    if not (ours_dir / "config.json").is_file():
+        if not (hf_dir / "config.json").is_file():
+            print(f"writing a random 2B-4T-shaped checkpoint to {hf_dir} (once)", file=sys.stderr)
+            write_checkpoint(hf_dir, bitnet_config(), mode="offline", seed=0, progress=True)
+        print(f"converting it to torch_bitnet's packed layout in {ours_dir} (once)", file=sys.stderr)
+        convert_checkpoint(hf_dir, ours_dir, dtype=torch.bfloat16, progress=True)
+    if not transformers_copy:
+        return ours_dir, None
+    bitlinear_dir = workdir / "2b4t-bitlinear"
+    if not (bitlinear_dir / "config.json").is_file():
+        # The same packed weights; transformers' BitLinear divides by weight_scale where
+        # AutoBitLinear multiplies: other numbers, the same work, which is what is measured.
+        bitlinear_dir.mkdir(parents=True, exist_ok=True)
+        for f in hf_dir.iterdir():
+            if f.name != "config.json" and not (bitlinear_dir / f.name).exists():
+                os.link(f, bitlinear_dir / f.name)
+        raw = json.loads((hf_dir / "config.json").read_text())
+        raw["quantization_config"]["linear_class"] = "bitlinear"
+        (bitlinear_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    return ours_dir, bitlinear_dir
+
+
+def bytes_by_kind(model) -> dict[str, int]:
+    """Bytes of the model's tensors: ``ternary`` (packed BitLinear weights and their scales),
+    ``embedding``, ``lm_head`` (0 when tied to the embedding), ``norms`` and ``other``."""
+    from .nn import BitLinear
+
+    seen: set[int] = set()
+    sizes = {"ternary": 0, "embedding": 0, "lm_head": 0, "norms": 0, "other": 0}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    for module_name, module in model.named_modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            if isinstance(module, BitLinear):
+                kind = "ternary"
+            elif module is embedding:
+                kind = "embedding"
+            elif module is head:
+                kind = "lm_head"
+            elif "norm" in module_name.rsplit(".", 1)[-1]:
+                kind = "norms"
+            else:
+                kind = "other"
+            sizes[kind] += tensor.numel() * tensor.element_size()
+    return sizes
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "key_scales", "value_scales"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _stream_gbs(threads: int) -> float:
+    """Read bandwidth (GB/s): best of 5 passes of stream_max over 1 GiB."""
+    import torch
+
+    from .ops import stream_max
+
+    buf = torch.ones(2**30, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        stream_max(buf)
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() / best / 1e9
+
+
+def measure(
+    path: Path,
+    *,
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    kv_cache_dtype: str | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """One benchmark run in this process (see the module docstring); returns its figures.
+
+    Meant for a fresh process: peak RSS covers the whole process, and the cold compile
+    assumes an empty inductor cache (``run`` points ``TORCHINDUCTOR_CACHE_DIR`` at a new
+    directory for each child).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .generate import prefill, prepare
+    from .loading import from_pretrained
+
+    stages = tqdm(total=5, desc="bench", disable=not progress, file=sys.stderr)
+    stages.set_postfix_str("loading")
+    start = time.perf_counter()
+    model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, progress=False)
+    load_s, load_peak, load_rss = time.perf_counter() - start, _peak_rss_mb(), _rss_mb()
+    stages.update()
+    stages.set_postfix_str("compiling (cold)")
+    session = prepare(model, prompt_len + new_tokens)  # allocates the cache, compiles the step
+    cold = session.compile_seconds
+    stages.update()
+    stages.set_postfix_str("compiling (warm)")
+    torch._dynamo.reset()
+    session.warm = False
+    warm = session.warm_up(model)
+    stages.update()
+    stages.set_postfix_str("prefill")
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        session.reset()
+        start = time.perf_counter()
+        logits = prefill(model, ids, session.cache, chunk_size)
+        token = logits.argmax(-1, keepdim=True)
+        ttft = time.perf_counter() - start
+        stages.update()
+        stages.set_postfix_str("decode")
+        position = torch.tensor([prompt_len])
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = session.step(model, token, position).argmax(-1, keepdim=True)
+            position += 1
+        decode_s = time.perf_counter() - start
+    stages.update()
+    stages.close()
+    peak = _peak_rss_mb()
+    sizes = bytes_by_kind(model)
+    cache_bytes = _cache_bytes(session.cache)
+    # One decode token reads every weight except the embedding table (one row of it), and the
+    # cache up to the current position: prompt_len + new_tokens / 2 positions on average.
+    mean_context = prompt_len + new_tokens / 2
+    per_token = sum(v for k, v in sizes.items() if k != "embedding") + cache_bytes * mean_context / session.max_seq_len
+    if sizes["lm_head"] == 0:  # tied: the lm_head is the embedding table, read whole
+        per_token += sizes["embedding"]
+    decode_tok_s = new_tokens / decode_s
+    stream = _stream_gbs(torch.get_num_threads())
+    return {
+        "threads": torch.get_num_threads(),
+        "kv_cache_dtype": session.kv_cache_dtype,
+        "load_s": load_s,
+        "load_peak_rss_mb": load_peak,
+        "rss_after_load_mb": load_rss,
+        "compile_cold_s": cold,
+        "compile_warm_s": warm,
+        "ttft_s": ttft,
+        "prefill_tok_s": prompt_len / ttft,
+        "decode_tok_s": decode_tok_s,
+        "peak_rss_mb": peak,
+        "weight_bytes": sizes,
+        "kv_cache_bytes": cache_bytes,
+        "decode_bytes_per_token": per_token,
+        "decode_gb_s": per_token * decode_tok_s / 1e9,
+        "stream_gb_s": stream,
+    }
+
+
+def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dict:
+    """transformers' own BitNet model (its BitLinear unpacks the weights at every forward):
+    prefill and a few decode steps with a dynamic cache, eager, bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :8], use_cache=False)  # transformers' own @torch.compile'd helpers compile here
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ttft = time.perf_counter() - start
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        decode_s = time.perf_counter() - start
+    return {
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "prefill_tok_s": prompt_len / ttft,
+        "decode_tok_s": new_tokens / decode_s,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache_dir: str) -> dict:
+    """Run one measurement in a fresh Python process; returns its JSON result."""
+    spec = {
+        "which": which, "path": str(path), "threads": threads, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens if which == "ours" else args.transformers_new_tokens,
+        "kv_cache_dtype": args.kv_cache_dtype, "chunk_size": args.chunk_size,
+    }
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_bitnet.bench", "--worker", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {which} benchmark at {threads} threads failed (exit status {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(spec_json: str) -> None:
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    if spec["which"] == "ours":
+        result = measure(Path(spec["path"]), prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"],
+                         kv_cache_dtype=spec["kv_cache_dtype"], chunk_size=spec["chunk_size"])
+    else:
+        result = measure_transformers(Path(spec["path"]), prompt_len=spec["prompt_len"],
+                                      new_tokens=spec["new_tokens"])
+    print(json.dumps(result))
+
+
+_COLUMNS = [
+    ("threads", "threads", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
+    ("compile_warm_s", "compile warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
+    ("decode_tok_s", "decode tok/s", ".2f"), ("decode_gb_s", "decode GB/s", ".1f"), ("stream_gb_s", "read GB/s", ".1f"),
+    ("load_peak_rss_mb", "load peak MB", ".0f"), ("rss_after_load_mb", "after load MB", ".0f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+]
+
+
+def format_table(results: dict[str, list[dict]]) -> str:
+    """The results as a fixed-width text table, one row per run."""
+    lines = [f"{'':14s}" + "".join(f"{label:>15s}" for _, label, _ in _COLUMNS)]
+    for name, runs in results.items():
+        for res in runs:
+            cells = "".join(f"{format(res[k], fmt) if k in res else '-':>15s}" for k, _, fmt in _COLUMNS)
+            lines.append(f"{name:14s}{cells}")
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "prefill_tok_s", "prompt tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
+        for name, runs in results.items():
+            ax.plot([r["threads"] for r in runs], [r[key] for r in runs], marker="o", label=name)
+        ax.set_xlabel("threads")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(header, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _threads_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 2 or 1,2, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench options (shared by ``torch-bitnet bench`` and ``python -m torch_bitnet.bench``)."""
+    parser.add_argument("--model", type=Path, metavar="PATH",
+                        help="a BitNet checkpoint directory (default: random weights at the 2B-4T shape)")
+    parser.add_argument("--threads", type=_threads_list, default=[os.cpu_count() or 1], metavar="N[,N...]",
+                        help="thread counts to run, one child process each (default: all cores)")
+    parser.add_argument("--prompt-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
+    parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decoded tokens (default 128)")
+    parser.add_argument("--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
+                        help="KV cache storage (default: $BITNET_KV_CACHE_DTYPE or int8)")
+    parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also run transformers' own BitNet path on the same weights (slow: few decode tokens)")
+    parser.add_argument("--transformers-new-tokens", type=int, default=3, metavar="N",
+                        help="decode steps for --transformers (default 3)")
+    parser.add_argument("--workdir", type=Path, default=default_workdir(), metavar="DIR",
+                        help=f"where the default checkpoint is written once, ~1.7 GB (default {default_workdir()})")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="plot tokens/s against threads (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by parsed ``args``; prints the table, returns the results."""
+    import torch
+
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            raise FileNotFoundError(f"{args.model}: no config.json (not a checkpoint directory)")
+        ours, theirs = args.model, (args.model if args.transformers else None)
+    else:
+        ours, theirs = prepare_checkpoint(args.workdir, transformers_copy=args.transformers)
+    results: dict[str, list[dict]] = {"torch_bitnet": []}
+    for threads in args.threads:
+        with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:
+            print(f"torch_bitnet, {threads} threads ...", file=sys.stderr)
+            results["torch_bitnet"].append(_child("ours", ours, threads, args, cache_dir))
+            if theirs is not None:
+                print(f"transformers, {threads} threads ...", file=sys.stderr)
+                results.setdefault("transformers", []).append(_child("transformers", theirs, threads, args, cache_dir))
+    first = results["torch_bitnet"][0]
+    header = (
+        f"CPU: {cpu_model()} | torch {torch.__version__} | {datetime.date.today().isoformat()} | "
+        f"model: {args.model or 'random weights, bitnet-b1.58-2B-4T shape'} | prompt {args.prompt_len}, "
+        f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']}"
+    )
+    print(header)
+    print(format_table(results))
+    sizes = first["weight_bytes"]
+    print("weights MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items())
+          + f" | KV cache MB: {first['kv_cache_bytes'] / 1e6:.0f} | decode reads {first['decode_bytes_per_token'] / 1e6:.0f}"
+          " MB/token")
+    for ours_run in results["torch_bitnet"]:
+        print(f"{ours_run['threads']} threads: decode streams {ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the "
+              f"machine's read bandwidth measured in the same run")
+    for ours_run, theirs_run in zip(results["torch_bitnet"], results.get("transformers", [])):
+        print(f"{ours_run['threads']} threads vs transformers: prefill "
+              f"{ours_run['prefill_tok_s'] / theirs_run['prefill_tok_s']:.1f}x, decode "
+              f"{ours_run['decode_tok_s'] / theirs_run['decode_tok_s']:.0f}x, peak RSS "
+              f"{ours_run['peak_rss_mb'] / theirs_run['peak_rss_mb']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "torch": torch.__version__, **results}, indent=2))
+    if args.plot:
+        _plot(results, args.plot, header)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m torch_bitnet.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,14 @@ to that layer's own cache (30 distinct caches, as in a real decode step, so the 
 read from DRAM rather than from a warm L3). Reported per token (30 layers): time of
 ``torch_bitnet.int8_attention`` over int8 caches, of ``scaled_dot_product_attention`` (GQA)
 over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
-warm-up, all in one run.
+warm-up, all in one run. The 1-minute load average is printed before and after: other
+processes on the machine slow the threads down (rerun when it is well below the core count).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -47,8 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
+    print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
     print(f"geometry: {LAYERS} layers x {HEADS} heads / {KV_HEADS} kv heads x head_dim {HEAD_DIM}; one decode token")
-    print(f"{'context':>8} | {'int8 ms':>8} {'MB':>7} | {'sdpa fp32 ms':>12} {'MB':>7} {'x':>5} | "
+    print(f"{'context':>8} | {'int8 ms':>8} {'MB':>7} {'GB/s':>5} | {'sdpa fp32 ms':>12} {'MB':>7} {'x':>5} | "
           f"{'sdpa bf16 ms':>12} {'MB':>7} {'x':>5}")
     g = torch.Generator().manual_seed(0)
     scale = HEAD_DIM**-0.5
@@ -84,9 +87,11 @@ def main() -> None:
             mb8 = sum(t.numel() * t.element_size() for c in int8_caches for t in c) / 1e6
             mb32 = sum(t.numel() * t.element_size() for c in f32_caches for t in c) / 1e6
             mb16 = mb32 / 2
-            print(f"{ctx:>8} | {t8 * 1e3:8.2f} {mb8:7.0f} | {t32 * 1e3:12.2f} {mb32:7.0f} {t32 / t8:5.1f} | "
+            print(f"{ctx:>8} | {t8 * 1e3:8.2f} {mb8:7.0f} {mb8 / t8 / 1e3:5.1f} | {t32 * 1e3:12.2f} {mb32:7.0f} {t32 / t8:5.1f} | "
                   f"{t16 * 1e3:12.2f} {mb16:7.0f} {t16 / t8:5.1f}")
-    print("x = SDPA time / int8 time (> 1: int8 attention is faster); MB = cache bytes of all 30 layers")
+    print("x = SDPA time / int8 time (> 1: int8 attention is faster); MB = cache bytes of all 30 layers;")
+    print("GB/s = int8 cache bytes / int8 time (the rate the caches are read at)")
+    print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -257,9 +257,14 @@ def int8_attention(
             (e.g. left padding). The same mask serves every head.
 
     Returns:
-        (batch, heads, Q, head_dim) in ``q.dtype`` (computed in float32, softmax with the
-        maximum subtracted). A query that sees no position at all gets zeros (a plain softmax
-        would give NaN; torch's SDPA returns zeros too). Semantics:
-        :func:`torch_bitnet.reference.int8_attention`.
+        (batch, heads, Q, head_dim) in ``q.dtype``, computed in float32 with a numerically
+        stable online softmax (scores never exponentiated above their running maximum). A
+        query that sees no position at all gets zeros (a plain softmax would give NaN; torch's
+        SDPA returns zeros too). Semantics: :func:`torch_bitnet.reference.int8_attention`; the
+        kernels differ from it only by float32 rounding (bound: tests/test_attention.py).
+
+    Each kv head's keys and values are read from memory once for up to 32 of the query rows
+    that share it (its query heads x queries: all of a decode step's); when that leaves too
+    few tasks for the threads, the positions are split too (flash-decoding).
     """
     return torch.ops.bitnet.int8_attention.default(q, k_cache, k_scale, v_cache, v_scale, positions, scale, mask)

@@ -1,4 +1,5 @@
-// Int8 KV cache kernels, portable C++ (the first step of INT8 attention: SIMD paths to come).
+// Int8 KV cache kernels, portable C++: quantization of new keys / values, the scalar twin of
+// the SIMD attention kernels, and the merge of partial softmax states.
 // Layouts: caches int8 (L, D) per (batch, kv head), row j = position j; scales float32 (L,).
 #include <algorithm>
 #include <cmath>
@@ -19,36 +20,89 @@ void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale) {
   }
 }
 
-void int8_attention_row(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
-                        const float* v_scale, const uint8_t* mask, int64_t n, int64_t d, float scale, float* scores,
-                        float* out) {
-  // scores_j = (q . k_j) * k_scale_j * scale over the visible positions; softmax with the
-  // maximum subtracted (stable for any magnitude); out = sum_j p_j * v_scale_j * v_j.
-  // Hidden positions are skipped in every pass, so no exp(-inf) or 0 * garbage is evaluated.
-  float m = -std::numeric_limits<float>::infinity();
-  bool any = false;
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    float dot = 0.f;
-    for (int64_t t = 0; t < d; ++t) dot += q[t] * float(k[j * d + t]);
-    scores[j] = dot * k_scale[j] * scale;
-    m = std::max(m, scores[j]);
-    any = true;
+namespace {
+
+// q . k over d dims in 8 interleaved partial sums: independent lanes the compiler can keep in
+// SIMD registers of any ISA (a single running sum would be one serial chain of adds).
+float dot_i8(const float* q, const int8_t* k, int64_t d) {
+  constexpr int64_t kLanes = 8;
+  float part[kLanes] = {};
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes)
+    for (int64_t u = 0; u < kLanes; ++u) part[u] += q[t + u] * float(k[t + u]);
+  for (; t < d; ++t) part[0] += q[t] * float(k[t]);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t u = 0; u < width; ++u) part[u] += part[u + width];
+  return part[0];
+}
+
+}  // namespace
+
+void attention_partial_scalar(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                              float* l, float* acc) {
+  // Online softmax (the state is rescaled whenever a block raises a row's maximum), so no
+  // exponent ever exceeds 0. Blocks outermost: a block's keys and values are read from memory
+  // once and reused from L1 by every row. Hidden positions are skipped, never exponentiated.
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t d = p.d;
+  std::fill(m, m + (r1 - r0), kNegInf);
+  std::fill(l, l + (r1 - r0), 0.f);
+  std::fill(acc, acc + (r1 - r0) * d, 0.f);
+  float s[kAttentionBlock];  // scores of one row over the block; kNegInf = hidden
+  for (int64_t c0 = j0; c0 < j1; c0 += kAttentionBlock) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t i = r % p.nq;
+      const int64_t c1 = std::min({j1, c0 + kAttentionBlock, p.end[i]});
+      if (c1 <= c0) continue;
+      const uint8_t* visible = p.mask ? p.mask + i * p.ld_mask : nullptr;
+      const float* q = p.q + r * d;
+      float block_max = kNegInf;
+      for (int64_t j = c0; j < c1; ++j) {
+        s[j - c0] = kNegInf;
+        if (visible && !visible[j]) continue;
+        s[j - c0] = dot_i8(q, p.k + j * d, d) * p.k_scale[j] * p.scale;
+        block_max = std::max(block_max, s[j - c0]);
+      }
+      if (block_max == kNegInf) continue;  // the row sees nothing in this block
+      float& mr = m[r - r0];
+      float* out = acc + (r - r0) * d;
+      if (block_max > mr) {
+        const float alpha = std::exp(mr - block_max);  // 0 while mr is still -inf
+        l[r - r0] *= alpha;
+        for (int64_t t = 0; t < d; ++t) out[t] *= alpha;
+        mr = block_max;
+      }
+      for (int64_t j = c0; j < c1; ++j) {
+        if (s[j - c0] == kNegInf) continue;
+        const float e = std::exp(s[j - c0] - mr);
+        l[r - r0] += e;
+        const float w = e * p.v_scale[j];
+        for (int64_t t = 0; t < d; ++t) out[t] += w * float(p.v[j * d + t]);
+      }
+    }
   }
-  std::fill(out, out + d, 0.f);
-  if (!any) return;  // nothing visible: zeros, where a plain softmax would give 0/0 = NaN
+}
+
+void attention_merge(const float* m, const float* l, const float* acc, int64_t parts, int64_t stride, int64_t d,
+                     float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < parts; ++s) mx = std::max(mx, m[s * stride]);
+  if (mx == -std::numeric_limits<float>::infinity()) {  // no visible position: zeros, not 0 / 0
+    std::fill(out, out + d, 0.f);
+    return;
+  }
+  float w[kMaxAttentionParts];  // e^(m_s - M): 0 for parts that saw nothing
   float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    scores[j] = std::exp(scores[j] - m);
-    sum += scores[j];
+  for (int64_t s = 0; s < parts; ++s) {
+    w[s] = std::exp(m[s * stride] - mx);
+    sum += w[s] * l[s * stride];
   }
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    const float w = scores[j] * v_scale[j];
-    for (int64_t t = 0; t < d; ++t) out[t] += w * float(v[j * d + t]);
+  const float inv = 1.f / sum;
+  for (int64_t t = 0; t < d; ++t) {
+    float o = 0.f;
+    for (int64_t s = 0; s < parts; ++s) o += w[s] * acc[s * stride * d + t];
+    out[t] = o * inv;  // reads every part's element t before writing: out may alias a part
   }
-  for (int64_t t = 0; t < d; ++t) out[t] /= sum;
 }
 
 }  // namespace tbn

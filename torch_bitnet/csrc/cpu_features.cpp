@@ -17,7 +17,7 @@ bool cpu_has(Isa isa) {
     case Isa::Scalar:
       return true;
     case Isa::Avx2:
-      return __builtin_cpu_supports("avx2");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -53,7 +53,7 @@ void select_isa(const std::string& name) {
     if (name == kNames[i]) found = i;
   TORCH_CHECK_VALUE(found >= 0, "torch_bitnet: unknown ISA '", name, "'; choose scalar, avx2 or avx512");
   TORCH_CHECK(cpu_has(static_cast<Isa>(found)), "this CPU cannot run the ", name,
-              " path (avx2 needs AVX2; avx512 needs AVX-512 F, BW, VL and VNNI)");
+              " path (avx2 needs AVX2 and FMA; avx512 needs AVX-512 F, BW, VL and VNNI)");
   g_isa.store(found);
 }
 

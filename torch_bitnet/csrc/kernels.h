@@ -10,8 +10,10 @@
 // (the "offset trick"): u is unsigned, which is what the u8 x s8 multiply-adds want.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace tbn {
 
@@ -115,6 +117,43 @@ inline void store_result(const GemmProblem& p, int64_t m, int64_t n, int32_t sum
   }
 }
 
+// ---- attention over an int8 KV cache, shared by all ISAs ----
+
+// One (batch, kv head) of int8_attention: its G query heads x Q queries as `rows` rows
+// (row r = query r % nq of group head r / nq, the order of q's (batch, heads, Q, head_dim)
+// layout), and its cache. Key j is visible to row r, query i = r % nq, iff j < end[i] and
+// (mask is null or mask[i * ld_mask + j] != 0).
+struct AttentionProblem {
+  const float* q = nullptr;        // (rows, d) float32 queries
+  int64_t nq = 0;                  // queries per head (Q)
+  int64_t d = 0;                   // head_dim
+  float scale = 1.f;               // softmax scale: score_j = (q . k_j) * k_scale_j * scale
+  const int64_t* end = nullptr;    // (nq,) query i sees positions < end[i] (its position + 1)
+  const uint8_t* mask = nullptr;   // null, or (nq, ld_mask) bytes, 0 = position hidden
+  int64_t ld_mask = 0;             // >= max(end)
+  const int8_t* k = nullptr;       // (len, d) int8 keys, row j = position j
+  const float* k_scale = nullptr;  // (len,)
+  const int8_t* v = nullptr;       // (len, d) int8 values
+  const float* v_scale = nullptr;  // (len,)
+};
+
+// Positions per inner block of the attention kernels: the block's int8 keys and values
+// (2 * 64 * d bytes) stay in L1 while every row of the task uses them.
+constexpr int64_t kAttentionBlock = 64;
+// Most partial states attention_merge combines for one row.
+constexpr int64_t kMaxAttentionParts = 64;
+
+// e^x of the SIMD kernels (x <= 0 there: scores minus their running maximum), as Cephes'
+// expf: x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 split in a part exact in
+// float and a correction), e^r = 1 + r + r^2 P(r), then times 2^n. Below kExpMin (where 2^n
+// would leave the normal range) the result is 0: within 1e-38 of e^x, and exactly 0 for -inf.
+constexpr float kExpMin = -87.3f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // ---- the per-ISA kernel table ----
 
 struct Kernels {
@@ -126,9 +165,12 @@ struct Kernels {
   void (*gemm)(const GemmProblem& p, int64_t n0, int64_t n1);
   // Maximum of n bytes.
   uint8_t (*stream_max)(const uint8_t* p, int64_t n);
-  // Attention of one query row over an int8 KV cache: see int8_attention_row below.
-  void (*attention_row)(const float* q, const int8_t* k, const float* k_scale, const int8_t* v, const float* v_scale,
-                        const uint8_t* mask, int64_t n, int64_t d, float scale, float* scores, float* out);
+  // Partial softmax state of rows [r0, r1) of p over cache positions [j0, j1): for row r,
+  // at index r - r0, m = the largest visible score (-inf if it sees none), l = sum_j e^(s_j - m)
+  // and acc (d floats) = sum_j e^(s_j - m) v_scale_j v_j over its visible positions j.
+  // Partials over disjoint position ranges combine with attention_merge.
+  void (*attention_partial)(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                            float* l, float* acc);
 };
 
 extern const Kernels kScalarKernels;
@@ -150,19 +192,74 @@ inline float act_scale_from_amax(float amax) {
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum);
 
-// ---- int8 KV cache (attention_scalar.cpp; the AVX-512 attention row is in kernels_avx512.cpp,
-// the AVX2 table uses the portable one) ----
+// ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and
+// the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp) ----
 
 // One key or value vector of d floats -> int8 q and scale s with q * s ~ x:
 // s = max|x| / 127, q = round(x / s) (0 when s == 0).
 void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale);
 
-// Attention of one query row q (d floats) over the first n cached positions: k, v int8 (n, d)
-// with per-position scales. mask: null (all n visible) or n bytes, 0 = position hidden;
-// hidden positions get no weight, and a row that sees no position at all gets out = 0.
-// scores is scratch of n floats; out gets d floats.
-void int8_attention_row(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
-                        const float* v_scale, const uint8_t* mask, int64_t n, int64_t d, float scale, float* scores,
-                        float* out);
+// The portable attention_partial (the scalar table's entry; the SIMD kernels fall back to it
+// for head_dims their vectors do not divide).
+void attention_partial_scalar(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                              float* l, float* acc);
+#if defined(__x86_64__) || defined(_M_X64)
+void attention_partial_avx2(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                            float* l, float* acc);
+void attention_partial_avx512(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                              float* l, float* acc);
+#endif
+
+// The loop the SIMD attention kernels share: initialises the state of rows [r0, r1) (m = -inf,
+// l = 0, acc = 0), then for every block of kAttentionBlock positions of [j0, j1) and every
+// group of up to kAttentionGroup rows calls
+//   group(rows, g0, c0, nk, key_rows, m, l, acc)
+// for rows g0 .. g0 + rows - 1 over positions [c0, c0 + nk), nk the furthest any of them sees
+// (groups that see nothing, by position or mask, are skipped). key_rows[j] has bit r set if row g0 + r sees
+// position c0 + j; it is null when every row sees all nk. m, l, acc point at row g0's state.
+constexpr int kAttentionGroup = 4;
+
+template <class Group>
+inline void for_each_attention_group(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                                     float* m, float* l, float* acc, Group&& group) {
+  const int64_t d = p.d;
+  std::fill(m, m + (r1 - r0), -std::numeric_limits<float>::infinity());
+  std::fill(l, l + (r1 - r0), 0.f);
+  std::fill(acc, acc + (r1 - r0) * d, 0.f);
+  uint8_t key_rows[kAttentionBlock];
+  for (int64_t c0 = j0; c0 < j1; c0 += kAttentionBlock) {
+    const int64_t c1 = std::min(j1, c0 + kAttentionBlock);
+    for (int64_t g0 = r0; g0 < r1; g0 += kAttentionGroup) {
+      const int rows = int(std::min<int64_t>(kAttentionGroup, r1 - g0));
+      int64_t seen[kAttentionGroup], nk = 0;  // row r sees [c0, c0 + seen[r]) before its mask
+      for (int r = 0; r < rows; ++r) {
+        seen[r] = std::max<int64_t>(0, std::min(c1, p.end[(g0 + r) % p.nq]) - c0);
+        nk = std::max(nk, seen[r]);
+      }
+      if (nk == 0) continue;
+      bool uniform = p.mask == nullptr;
+      for (int r = 0; r < rows; ++r) uniform = uniform && seen[r] == nk;
+      if (!uniform) {
+        std::fill(key_rows, key_rows + nk, uint8_t(0));
+        uint8_t any = 0;
+        for (int r = 0; r < rows; ++r) {
+          const uint8_t* visible = p.mask ? p.mask + ((g0 + r) % p.nq) * p.ld_mask + c0 : nullptr;
+          for (int64_t j = 0; j < seen[r]; ++j)
+            if (!visible || visible[j]) key_rows[j] |= uint8_t(1u << r);
+        }
+        for (int64_t j = 0; j < nk; ++j) any |= key_rows[j];
+        if (!any) continue;  // the mask hides the whole block from the group
+      }
+      group(rows, g0, c0, nk, uniform ? nullptr : key_rows, m + (g0 - r0), l + (g0 - r0), acc + (g0 - r0) * d);
+    }
+  }
+}
+
+// One row's attention output from `parts` partial states over disjoint position ranges:
+// state s is m[s * stride], l[s * stride] and acc + s * stride * d. With M = max_s m_s,
+// out (d floats) = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s; zeros when no part saw a
+// position (M = -inf). parts <= kMaxAttentionParts; out may alias any part's acc.
+void attention_merge(const float* m, const float* l, const float* acc, int64_t parts, int64_t stride, int64_t d,
+                     float* out);
 
 }  // namespace tbn

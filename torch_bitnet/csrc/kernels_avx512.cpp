@@ -197,56 +197,9 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
   return mx;
 }
 
-
-// Attention of one query row over n cached positions (int8 keys/values, one scale each).
-// head_dim a multiple of 16 (64, 128...): int8 rows are widened to float in registers, 16
-// lanes at a time; other head_dims take the portable kernel.
-TB_AVX512 void attention_row_avx512(const float* q, const int8_t* k, const float* k_scale, const int8_t* v,
-                                    const float* v_scale, const uint8_t* mask, int64_t n, int64_t d, float scale,
-                                    float* scores, float* out) {
-  if (d % 16 != 0) {
-    int8_attention_row(q, k, k_scale, v, v_scale, mask, n, d, scale, scores, out);
-    return;
-  }
-  // Hidden positions (mask[j] == 0) are skipped in every pass, as in the portable kernel.
-  float m = -std::numeric_limits<float>::infinity();
-  bool any = false;
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    const int8_t* kj = k + j * d;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t t = 0; t < d; t += 16) {
-      const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kj + t))));
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + t), kv, acc);
-    }
-    scores[j] = _mm512_reduce_add_ps(acc) * k_scale[j] * scale;
-    m = std::max(m, scores[j]);
-    any = true;
-  }
-  for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(out + t, _mm512_setzero_ps());
-  if (!any) return;  // nothing visible: zeros
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    scores[j] = std::exp(scores[j] - m);  // softmax with the maximum subtracted: no overflow
-    sum += scores[j];
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    if (mask && !mask[j]) continue;
-    const __m512 w = _mm512_set1_ps(scores[j] * v_scale[j]);
-    const int8_t* vj = v + j * d;
-    for (int64_t t = 0; t < d; t += 16) {
-      const __m512 vv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vj + t))));
-      _mm512_storeu_ps(out + t, _mm512_fmadd_ps(w, vv, _mm512_loadu_ps(out + t)));
-    }
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / sum);
-  for (int64_t t = 0; t < d; t += 16) _mm512_storeu_ps(out + t, _mm512_mul_ps(_mm512_loadu_ps(out + t), inv));
-}
-
 }  // namespace
 
-const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_row_avx512};
+const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512};
 
 }  // namespace tbn
 

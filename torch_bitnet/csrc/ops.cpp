@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "cpu_features.h"
 #include "kernels.h"
@@ -20,6 +21,13 @@ constexpr int64_t kBlockK = 256;
 constexpr int64_t kMaxInFeatures = int64_t(1) << 17;  // |acc| <= 128 K <= 2^24: exact in float32
 // Output rows handed to a thread at a time: a multiple of every kernel's NR.
 constexpr int64_t kRowTile = 16;
+// int8_attention: rows (query heads x queries of one kv head) per task, a multiple of
+// kAttentionGroup; at least this many tasks per thread, splitting positions if needed, but
+// into parts of at least kAttentionMinPart positions (the merge and the per-part setup cost
+// about as much as a few dozen positions).
+constexpr int64_t kAttentionRowsPerTask = 32;
+constexpr int64_t kAttentionTasksPerThread = 4;
+constexpr int64_t kAttentionMinPart = 256;
 
 int64_t pad_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
 
@@ -307,21 +315,70 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const int64_t mask_len = mk.defined() ? mk.size(2) : 0;
   const auto qf = q.to(at::kFloat).contiguous();
   auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
-  const int64_t groups = h / kvh;
+  if (out.numel() == 0) return out.to(q.scalar_type());
+  // Work unit: one (batch, kv head) with its rows = G query heads x Q queries, which in q's
+  // (batch, heads, Q, head_dim) layout are contiguous (G * Q, head_dim) rows, as in out.
+  const int64_t units = b * kvh, rows = (h / kvh) * n;
+  std::vector<int64_t> end(pos.size());
+  for (size_t i = 0; i < pos.size(); ++i) end[i] = pos[i] + 1;
+  const int64_t reach = *std::max_element(end.begin(), end.end());
+  const int64_t row_tasks = (rows + kAttentionRowsPerTask - 1) / kAttentionRowsPerTask;
+  // Decode has few units (2B-4T: 5 kv heads for 2 threads): then each unit's positions are also
+  // split (flash-decoding), each part kept as its own softmax state and merged at the end.
+  const int64_t threads = at::get_num_threads();
+  int64_t parts = 1;
+  if (units * row_tasks < kAttentionTasksPerThread * threads) {
+    parts = (kAttentionTasksPerThread * threads + units * row_tasks - 1) / (units * row_tasks);
+    parts = std::min({parts, std::max<int64_t>(1, reach / kAttentionMinPart), kMaxAttentionParts});
+  }
+  const int64_t part_len = (reach + parts - 1) / parts;
+  const int64_t part_span = (part_len + kAttentionBlock - 1) / kAttentionBlock * kAttentionBlock;
+  // Softmax states (unit, part, row): running max, sum, and for parts > 1 the (d,) accumulators
+  // (with one part they accumulate in out directly and are normalised in place).
+  std::vector<float> m_state(size_t(units * parts * rows)), l_state(m_state.size());
+  std::vector<float> acc_state(parts > 1 ? m_state.size() * size_t(d) : 0);
+  float* const out_data = out.data_ptr<float>();
   const Kernels& kern = kernels();
-  // One task per (batch, head); each query row attends to positions 0 .. pos[i] its mask row allows.
-  at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> scores(static_cast<size_t>(len));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t kv = (r / h) * kvh + (r % h) / groups;  // cache (batch, kv head) row block
-      for (int64_t i = 0; i < n; ++i)
-        kern.attention_row(qf.data_ptr<float>() + (r * n + i) * d, k_cache.data_ptr<int8_t>() + kv * len * d,
-                           k_scale.data_ptr<float>() + kv * len, v_cache.data_ptr<int8_t>() + kv * len * d,
-                           v_scale.data_ptr<float>() + kv * len,
-                           mask_data ? mask_data + ((r / h) * n + i) * mask_len : nullptr, pos[size_t(i)] + 1, d,
-                           float(scale), scores.data(), out.data_ptr<float>() + (r * n + i) * d);
+  auto problem = [&](int64_t u) {
+    AttentionProblem p;
+    p.q = qf.data_ptr<float>() + u * rows * d;
+    p.nq = n;
+    p.d = d;
+    p.scale = float(scale);
+    p.end = end.data();
+    p.mask = mask_data ? mask_data + (u / kvh) * n * mask_len : nullptr;
+    p.ld_mask = mask_len;
+    p.k = k_cache.data_ptr<int8_t>() + u * len * d;
+    p.k_scale = k_scale.data_ptr<float>() + u * len;
+    p.v = v_cache.data_ptr<int8_t>() + u * len * d;
+    p.v_scale = v_scale.data_ptr<float>() + u * len;
+    return p;
+  };
+  // Tasks (unit, row range, part) differ in cost (causal rows see different lengths): each
+  // thread takes the next task from a shared counter until none is left.
+  const int64_t tasks = units * row_tasks * parts;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < tasks; t = next++) {
+      const int64_t u = t / (row_tasks * parts), rt = t / parts % row_tasks, s = t % parts;
+      const int64_t r0 = rt * kAttentionRowsPerTask, r1 = std::min(rows, r0 + kAttentionRowsPerTask);
+      const int64_t state = (u * parts + s) * rows + r0;
+      float* acc = parts > 1 ? acc_state.data() + state * d : out_data + (u * rows + r0) * d;
+      kern.attention_partial(problem(u), r0, r1, s * part_span, std::min(reach, (s + 1) * part_span),
+                             m_state.data() + state, l_state.data() + state, acc);
+      if (parts == 1)
+        for (int64_t r = 0; r < r1 - r0; ++r)
+          attention_merge(m_state.data() + state + r, l_state.data() + state + r, acc + r * d, 1, 0, d, acc + r * d);
     }
   });
+  if (parts > 1)
+    at::parallel_for(0, units * rows, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t first = (i / rows) * parts * rows + i % rows;  // state of part 0
+        attention_merge(m_state.data() + first, l_state.data() + first, acc_state.data() + first * d, parts, rows, d,
+                        out_data + i * d);
+      }
+    });
   return out.to(q.scalar_type());
 }
 

@@ -3,26 +3,39 @@
 Public API:
 
 * ops (``torch.ops.bitnet.*``, with typed wrappers): :func:`quantize_act`,
-  :func:`ternary_mm`, :func:`bitlinear`, :func:`stream_max`, and the int8 KV cache ops
+  :func:`ternary_mm`, :func:`bitlinear`, :func:`stream_max`, the int8 lm_head / embedding
+  ops :func:`int8_linear`, :func:`int8_embedding`, and the int8 KV cache ops
   :func:`kv_cache_write`, :func:`int8_attention`
-* the packed weight format: :mod:`torch_bitnet.packing`
+* the packed weight format: :mod:`torch_bitnet.packing`; the int8 per-row table of the
+  lm_head / embedding: :mod:`torch_bitnet.int8` (:func:`quantize_int8_rows`)
 * plain-PyTorch semantics of every op: :mod:`torch_bitnet.reference`
 * SIMD path control: :func:`available_isas`, :func:`get_isa`, :func:`set_isa`, :func:`use_isa`
-* models: :class:`BitLinear` (the module), :func:`patch` (transformers BitNet models),
-  :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
+* models: :class:`BitLinear` (the module), :class:`Int8Embedding` / :class:`Int8Linear` (the
+  int8 embedding table and lm_head, tied with :meth:`Int8Linear.tied_to`), :func:`patch`
+  (transformers BitNet models), :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
 * generation: :func:`generate` (static KV cache, compiled decode step), :class:`GenerationResult`
 * the KV cache of patched models (int8 on :func:`int8_attention`, or float on SDPA):
   :mod:`torch_bitnet.kv_cache`, :func:`set_kv_cache_dtype`
 """
 
-from . import kv_cache, packing, reference
+from . import int8, kv_cache, packing, reference
 from .generate import GenerationResult, generate
 from .kv_cache import set_kv_cache_dtype
 from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
-from .nn import BitLinear
-from .ops import bitlinear, int8_attention, kv_cache_write, quantize_act, stream_max, ternary_mm
+from .int8 import dequantize_int8_rows, quantize_int8_rows
+from .nn import BitLinear, Int8Embedding, Int8Linear
+from .ops import (
+    bitlinear,
+    int8_attention,
+    int8_embedding,
+    int8_linear,
+    kv_cache_write,
+    quantize_act,
+    stream_max,
+    ternary_mm,
+)
 from .packing import from_hf_packed, pack_ternary, ternarize, to_hf_packed, unpack_ternary
 from .patch import patch, replace_linear
 
@@ -30,12 +43,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitLinear",
+    "Int8Embedding",
+    "Int8Linear",
     "available_isas",
     "convert_checkpoint",
     "from_pretrained",
     "GenerationResult",
     "generate",
+    "dequantize_int8_rows",
+    "int8",
     "int8_attention",
+    "int8_embedding",
+    "int8_linear",
     "kv_cache",
     "kv_cache_write",
     "patch",
@@ -47,6 +66,7 @@ __all__ = [
     "pack_ternary",
     "packing",
     "quantize_act",
+    "quantize_int8_rows",
     "reference",
     "set_isa",
     "set_kv_cache_dtype",

@@ -1,8 +1,13 @@
-"""``BitLinear``: the module that puts torch_bitnet's op into a model.
+"""The modules that put torch_bitnet's ops into a model.
 
-A buffer holder: the packed ternary weight, its scale and an optional bias, converted once
-(at load or patch time) from whatever a checkpoint or transformers module holds; ``forward``
-is one ``bitnet::bitlinear`` call, so ``torch.compile`` sees a single opaque op per layer.
+* ``BitLinear``: the packed ternary weight, its scale and an optional bias; ``forward`` is one
+  ``bitnet::bitlinear`` call.
+* ``Int8Embedding`` / ``Int8Linear``: an int8 per-row table (:mod:`torch_bitnet.int8`) read as
+  the embedding (``bitnet::int8_embedding``) and multiplied as the lm_head
+  (``bitnet::int8_linear``); a tied model holds one table for both.
+
+All are buffer holders, converted once (at load or patch time) from whatever a checkpoint or
+transformers module holds, so ``torch.compile`` sees a single opaque op per layer.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ import torch
 from torch import nn
 
 from . import ops
+from .int8 import check_int8_sizes, dequantize_int8_rows, int8_shape, quantize_int8_rows
 from .packing import check_features, pack_ternary, packed_shape, ternarize, unpack_ternary
 
-__all__ = ["BitLinear"]
+__all__ = ["BitLinear", "Int8Embedding", "Int8Linear"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BitLinear(nn.Module):
@@ -108,3 +116,159 @@ class BitLinear(nn.Module):
     def ternary_weight(self) -> torch.Tensor:
         """The logical ternary weight, int8 (out_features, in_features) (unpacked copy)."""
         return unpack_ternary(self.weight, self.in_features)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table stored as int8 per-row codes; ``forward(ids)`` is one ``int8_embedding`` call.
+
+    Buffers (saved in ``state_dict`` in the int8 form of :mod:`torch_bitnet.int8`):
+
+    * ``weight``: uint8 (num_embeddings, ceil(embedding_dim / 64) * 64), the codes w + 128
+    * ``weight_scale``: float32 (num_embeddings,); row i is ``(weight[i] - 128) * weight_scale[i]``
+
+    ``output_dtype``: the dtype of the vectors returned (float32, bfloat16 or float16). For a
+    tied model, :meth:`Int8Linear.tied_to` builds the lm_head over the same two buffers.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        output_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_int8_sizes(embedding_dim, num_embeddings, "Int8Embedding")
+        if output_dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"torch_bitnet: Int8Embedding output_dtype must be float32, bfloat16 or float16, got {output_dtype}"
+            )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.output_dtype = output_dtype
+        shape = int8_shape(num_embeddings, embedding_dim)
+        self.register_buffer("weight", torch.full(shape, 128, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(num_embeddings, dtype=torch.float32, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.int8_embedding(ids, self.weight, self.weight_scale, self.embedding_dim, self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, output_dtype={self.output_dtype}, "
+            f"weight=int8 per-row {tuple(self.weight.shape)} uint8"
+        )
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Embedding | torch.Tensor, output_dtype: torch.dtype | None = None
+    ) -> Int8Embedding:
+        """Quantize an ``nn.Embedding`` (or a float (num_embeddings, embedding_dim) table) per row.
+
+        ``output_dtype`` defaults to the table's dtype. ``max_norm`` (renormalising at lookup)
+        is not supported; ``padding_idx`` only concerns training and is dropped.
+        """
+        if isinstance(embedding, nn.Embedding):
+            if embedding.max_norm is not None:
+                raise ValueError("torch_bitnet: Int8Embedding does not support nn.Embedding(max_norm=...)")
+            table = embedding.weight
+        elif isinstance(embedding, torch.Tensor):
+            table = embedding
+        else:
+            raise TypeError(
+                "torch_bitnet: Int8Embedding.from_float expects an nn.Embedding or a tensor, "
+                f"got {type(embedding).__name__}"
+            )
+        codes, scale = quantize_int8_rows(table)
+        module = cls(*table.shape, output_dtype=output_dtype or table.dtype, device="meta")
+        module.weight, module.weight_scale = codes, scale  # no second copy of the table
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        """The table the codes stand for, float32 (num_embeddings, embedding_dim) (a new tensor)."""
+        return dequantize_int8_rows(self.weight, self.weight_scale, self.embedding_dim)
+
+
+class Int8Linear(nn.Module):
+    """Linear layer over an int8 per-row weight (the quantized lm_head); int8 activations inside the op.
+
+    Buffers (saved in ``state_dict``):
+
+    * ``weight``: uint8 (out_features, ceil(in_features / 64) * 64), the codes w + 128
+      (format in :mod:`torch_bitnet.int8`)
+    * ``weight_scale``: float32 (out_features,), one scale per output row
+    * ``bias``: float32 (out_features,) or ``None``
+
+    ``forward(x)`` is one ``int8_linear`` call; the output has x's dtype. :meth:`tied_to` makes
+    the lm_head of a tied model share an :class:`Int8Embedding`'s buffers (no second table).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        check_int8_sizes(in_features, out_features, "Int8Linear")
+        self.in_features = in_features
+        self.out_features = out_features
+        shape = int8_shape(out_features, in_features)
+        self.register_buffer("weight", torch.full(shape, 128, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.weight, self.weight_scale, self.in_features, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=int8 per-row {tuple(self.weight.shape)} uint8"
+        )
+
+    @classmethod
+    def from_float(cls, linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize an ``nn.Linear`` (its bias included) or a float (out_features, in_features) weight.
+
+        ``bias`` (any float dtype, (out_features,)) is for a plain weight; it is kept in float32.
+        """
+        if isinstance(linear_or_weight, nn.Linear):
+            if bias is not None and linear_or_weight.bias is not None:
+                raise ValueError("torch_bitnet: Int8Linear.from_float got both a bias and an nn.Linear with one")
+            weight = linear_or_weight.weight
+            bias = linear_or_weight.bias if bias is None else bias
+        elif isinstance(linear_or_weight, torch.Tensor):
+            weight = linear_or_weight
+        else:
+            raise TypeError(
+                "torch_bitnet: Int8Linear.from_float expects an nn.Linear or a tensor, "
+                f"got {type(linear_or_weight).__name__}"
+            )
+        codes, scale = quantize_int8_rows(weight)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, device="meta")
+        layer.weight, layer.weight_scale = codes, scale
+        if bias is not None:
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"torch_bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+            layer.bias = bias.detach().to(device=codes.device, dtype=torch.float32, copy=True)
+        return layer
+
+    @classmethod
+    def tied_to(cls, embedding: Int8Embedding) -> Int8Linear:
+        """The lm_head of a tied model: logits = h @ table^T over ``embedding``'s own buffers.
+
+        The two modules hold the same ``weight`` / ``weight_scale`` tensors (one copy in
+        memory, and ``load_state_dict`` writes both through either).
+        """
+        if not isinstance(embedding, Int8Embedding):
+            raise TypeError(
+                f"torch_bitnet: Int8Linear.tied_to expects an Int8Embedding, got {type(embedding).__name__}"
+            )
+        layer = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
+        layer.weight, layer.weight_scale = embedding.weight, embedding.weight_scale
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the codes stand for, float32 (out_features, in_features) (a new tensor)."""
+        return dequantize_int8_rows(self.weight, self.weight_scale, self.in_features)

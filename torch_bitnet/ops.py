@@ -20,9 +20,19 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .`"
     ) from err
 
+from .int8 import check_int8_weight
 from .packing import check_features, check_packed
 
-__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max", "kv_cache_write", "int8_attention"]
+__all__ = [
+    "quantize_act",
+    "ternary_mm",
+    "bitlinear",
+    "stream_max",
+    "int8_linear",
+    "int8_embedding",
+    "kv_cache_write",
+    "int8_attention",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -47,6 +57,10 @@ def _check_bitlinear(x, packed, scale, bias, in_features, out_features) -> None:
             f"bitnet: weight scale must be a float32 tensor with one element, got {scale.dtype} of shape "
             f"{tuple(scale.shape)}"
         )
+    _check_bias(bias, out_features)
+
+
+def _check_bias(bias, out_features: int) -> None:
     if bias is not None:
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bitnet: bias must be float32, bfloat16 or float16, got {bias.dtype}")
@@ -87,6 +101,29 @@ def _stream_max_fake(buf: torch.Tensor) -> torch.Tensor:
     if buf.dtype != torch.uint8:
         raise TypeError(f"bitnet: stream_max expects a uint8 tensor, got {buf.dtype}")
     return torch.empty((), dtype=torch.uint8, device=buf.device)
+
+
+@torch.library.register_fake("bitnet::int8_linear")
+def _int8_linear_fake(x, weight, scale, in_features: int, out_features: int, bias=None) -> torch.Tensor:
+    check_int8_weight(weight, scale, in_features, out_features, "int8_linear")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: int8_linear input must be float32, bfloat16 or float16, got {x.dtype}")
+    _check_input(x, in_features, "int8_linear input")
+    _check_bias(bias, out_features)
+    return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bitnet::int8_embedding")
+def _int8_embedding_fake(ids, weight, scale, embedding_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    if ids.dtype != torch.int64:
+        raise TypeError(f"bitnet: int8_embedding ids must be int64, got {ids.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"bitnet: int8_embedding weight must be 2-D (rows, Kp), got shape {tuple(weight.shape)}")
+    check_int8_weight(weight, scale, embedding_dim, weight.shape[0], "int8_embedding")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: int8_embedding dtype must be float32, bfloat16 or float16, got {dtype}")
+    # (the ids' range is data: checked by the real kernel)
+    return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
 
 
 def _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions) -> None:
@@ -158,7 +195,7 @@ def _register_no_backward(op_name: str) -> None:
     torch.library.register_autograd(op_name, _no_backward, setup_context=setup_context)
 
 
-for _name in ("bitnet::quantize_act", "bitnet::bitlinear", "bitnet::int8_attention"):
+for _name in ("bitnet::quantize_act", "bitnet::bitlinear", "bitnet::int8_linear", "bitnet::int8_attention"):
     _register_no_backward(_name)
 
 
@@ -218,6 +255,52 @@ def bitlinear(
 def stream_max(buf: torch.Tensor) -> torch.Tensor:
     """Maximum of a uint8 tensor, read once with the widest vector loads (a bandwidth yardstick)."""
     return torch.ops.bitnet.stream_max.default(buf)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear layer over int8 per-row weights: the quantized lm_head (int8 activations inside).
+
+    Args:
+        x: float32, bfloat16 or float16 tensor (..., in_features); any leading shape, M = 0 allowed.
+        weight: uint8 codes (out_features, ceil(in_features / 64) * 64), see :mod:`torch_bitnet.int8`
+            (:func:`torch_bitnet.int8.quantize_int8_rows` makes them).
+        scale: float32 (out_features,), one scale per weight row.
+        in_features, out_features: logical sizes K <= 65536, N (so fake kernels never read ``weight``).
+        bias: optional (out_features,) float tensor, added in float32.
+
+    Returns:
+        Tensor (..., out_features) in ``x.dtype``: ``acc * (scale[n] / a) + bias[n]`` computed in
+        float32 and rounded once, where ``a`` is the token's activation scale (as in
+        :func:`bitlinear`) and ``acc`` the exact int32 product of the int8 activations with the
+        int8 weight. NaN / Inf input rows give NaN rows. Semantics:
+        :func:`torch_bitnet.reference.int8_linear`.
+    """
+    return torch.ops.bitnet.int8_linear.default(x, weight, scale, in_features, out_features, bias)
+
+
+def int8_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, embedding_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Embedding lookup in an int8 per-row table (the same buffers :func:`int8_linear` multiplies by).
+
+    Args:
+        ids: int64 tensor of any shape, each in [0, rows) (IndexError otherwise).
+        weight: uint8 codes (rows, ceil(embedding_dim / 64) * 64); scale: float32 (rows,).
+        embedding_dim: D, the logical row length.
+        dtype: float32, bfloat16 or float16, the output dtype.
+
+    Returns:
+        (*ids.shape, embedding_dim) in ``dtype``: ``(code - 128) * scale[id]`` in float32, rounded
+        once (:func:`torch_bitnet.reference.int8_embedding`).
+    """
+    return torch.ops.bitnet.int8_embedding.default(ids, weight, scale, embedding_dim, dtype)
 
 
 def kv_cache_write(k_cache, k_scale, v_cache, v_scale, k, v, positions) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from .int8 import check_int8_weight
 from .packing import check_packed, unpack_ternary
 
-__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max"]
+__all__ = ["quantize_act", "ternary_mm", "bitlinear", "stream_max", "int8_linear", "int8_embedding"]
 
 
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +77,58 @@ def bitlinear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear layer over int8 per-row weights (the lm_head): float (..., K) -> float (..., N) in x's dtype.
+
+    ``weight`` uint8 codes (N, Kp) and ``scale`` float32 (N,) as :mod:`torch_bitnet.int8`
+    defines them. The activations are quantized per token exactly as in :func:`bitlinear`.
+    In float32::
+
+        xq, a = quantize_act(x)                            # int8 (..., K), float32 (..., 1)
+        acc   = xq @ (codes[:, :K] - 128)^T                # exact int32 (..., N)
+        y     = acc * (scale / a)  (+ bias)                # scale (N,) / a (..., 1): one factor per element
+        y     = y.to(x.dtype)                              # one rounding at the end
+
+    Rows of x with NaN / Inf give NaN rows (a = NaN), as in :func:`bitlinear`.
+    """
+    check_int8_weight(weight, scale, in_features, out_features, "int8_linear")
+    xq, a = quantize_act(x)
+    w = weight[:, :in_features].to(torch.float64) - 128.0
+    # float64 is exact here: every product is an integer below 2**14 in magnitude and every
+    # partial sum below 2**31, far inside float64's 2**53 (and much faster than int64 matmul).
+    acc = (xq.to(torch.float64) @ w.t()).to(torch.int32)
+    y = acc.float() * (scale / a)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def int8_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, embedding_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Embedding lookup in an int8 per-row table: int64 ids (...) -> (..., embedding_dim) in ``dtype``.
+
+    ``(codes[id, :D] - 128) * scale[id]`` in float32, rounded once to ``dtype``; an id outside
+    [0, rows) raises IndexError.
+    """
+    rows = weight.shape[0]
+    check_int8_weight(weight, scale, embedding_dim, rows, "int8_embedding")
+    flat = ids.reshape(-1)
+    bad = flat[(flat < 0) | (flat >= rows)]
+    if bad.numel():
+        raise IndexError(f"bitnet: int8_embedding id {int(bad[0])} is out of range: the table has {rows} rows")
+    # the products of dequantize_int8_rows, for the looked-up rows only
+    vectors = (weight[flat, :embedding_dim].float() - 128.0) * scale[flat].unsqueeze(1)
+    return vectors.to(dtype).reshape(*ids.shape, embedding_dim)
 
 
 def stream_max(buf: torch.Tensor) -> torch.Tensor:

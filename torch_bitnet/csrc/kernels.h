@@ -94,6 +94,21 @@ struct GemmProblem {
   Epilogue ep;
 };
 
+// Element i of an output array of dtype dt = y, rounded once.
+inline void store_float(void* out, DType dt, int64_t i, float y) {
+  switch (dt) {
+    case DType::F32:
+      static_cast<float*>(out)[i] = y;
+      break;
+    case DType::BF16:
+      static_cast<uint16_t*>(out)[i] = float_to_bf16(y);
+      break;
+    case DType::F16:
+      static_cast<uint16_t*>(out)[i] = float_to_f16(y);
+      break;
+  }
+}
+
 // Store one result given sum_k u*x (codes u = w + 1): subtracts the activation sum.
 inline void store_result(const GemmProblem& p, int64_t m, int64_t n, int32_t sum_ux) {
   const int32_t acc = sum_ux - p.xsum[m];
@@ -104,17 +119,34 @@ inline void store_result(const GemmProblem& p, int64_t m, int64_t n, int32_t sum
   }
   float y = float(acc) * e.row_factor[m];
   if (e.bias) y += e.bias[n];
-  switch (e.out_dtype) {
-    case DType::F32:
-      static_cast<float*>(e.out)[m * e.ld + n] = y;
-      break;
-    case DType::BF16:
-      static_cast<uint16_t*>(e.out)[m * e.ld + n] = float_to_bf16(y);
-      break;
-    case DType::F16:
-      static_cast<uint16_t*>(e.out)[m * e.ld + n] = float_to_f16(y);
-      break;
-  }
+  store_float(e.out, e.out_dtype, m * e.ld + n, y);
+}
+
+// ---- int8 per-row weights: the lm_head / embedding table (format: torch_bitnet/int8.py) ----
+// codes uint8 (N, Kp), Kp = K rounded up to 64, code = w + 128 with w in [-127, 127] (128 in
+// the padding), one float32 scale per row: W[n, k] ~ (code - 128) * scale[n].
+
+struct Int8Problem {
+  const int8_t* xq = nullptr;      // (M, ldq) int8 activations from quantize_row, zero from K to Kp
+  int64_t ldq = 0;
+  const int32_t* xsum = nullptr;   // (M,) sum of each activation row
+  const float* a = nullptr;        // (M,) activation scales 127 / amax (NaN for a non-finite row)
+  const uint8_t* w = nullptr;      // (N, Kp) codes, row stride Kp
+  const float* w_scale = nullptr;  // (N,)
+  const float* bias = nullptr;     // (N,) float32 or null
+  int64_t m = 0;                   // tokens
+  int64_t k_pad = 0;               // Kp, a multiple of 64
+  void* out = nullptr;             // (M, ld) of out_dtype
+  DType out_dtype = DType::F32;
+  int64_t ld = 0;
+};
+
+// y[m, n] from the exact acc = sum_k w*x: one float32 expression, rounded once to out_dtype
+// (the SIMD epilogues evaluate the same operations lane by lane).
+inline void store_int8_result(const Int8Problem& p, int64_t m, int64_t n, int32_t acc) {
+  float y = float(acc) * (p.w_scale[n] / p.a[m]);
+  if (p.bias) y += p.bias[n];
+  store_float(p.out, p.out_dtype, m * p.ld + n, y);
 }
 
 // ---- attention over an int8 KV cache, shared by all ISAs ----
@@ -171,6 +203,8 @@ struct Kernels {
   // Partials over disjoint position ranges combine with attention_merge.
   void (*attention_partial)(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
                             float* l, float* acc);
+  // int8 per-row weights: results for output rows [n0, n1) and all M tokens of p.
+  void (*int8_gemm)(const Int8Problem& p, int64_t n0, int64_t n1);
 };
 
 extern const Kernels kScalarKernels;
@@ -191,6 +225,19 @@ inline float act_scale_from_amax(float amax) {
 // float first. xq rows have stride ldq; a and xsum (if non-null) get one value per row.
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum);
+
+// ---- int8 per-row weights (int8_scalar.cpp, int8_avx2.cpp, int8_avx512.cpp) ----
+
+void int8_gemm_scalar(const Int8Problem& p, int64_t n0, int64_t n1);
+#if defined(__x86_64__) || defined(_M_X64)
+void int8_gemm_avx2(const Int8Problem& p, int64_t n0, int64_t n1);
+void int8_gemm_avx512(const Int8Problem& p, int64_t n0, int64_t n1);
+#endif
+
+// Embedding lookup: out row i (d values of dtype dt) = (codes[ids[i]] - 128) * scale[ids[i]]
+// for i in [0, count); ids must already be checked to lie in [0, N). w has row stride ldw.
+void int8_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, int64_t ldw, const float* scale,
+                         int64_t d, void* out, DType dt);
 
 // ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and
 // the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp) ----

@@ -31,8 +31,8 @@ constexpr int64_t kAttentionMinPart = 256;
 
 int64_t pad_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
 
-DType dtype_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType t, const char* what) {
+  switch (t) {
     case at::kFloat:
       return DType::F32;
     case at::kBFloat16:
@@ -40,9 +40,11 @@ DType dtype_of(const at::Tensor& t, const char* what) {
     case at::kHalf:
       return DType::F16;
     default:
-      TORCH_CHECK_TYPE(false, "bitnet: ", what, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, "bitnet: ", what, " must be float32, bfloat16 or float16, got ", t);
   }
 }
+
+DType dtype_of(const at::Tensor& t, const char* what) { return dtype_of(t.scalar_type(), what); }
 
 void check_sizes(int64_t in_features, int64_t out_features) {
   TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1,
@@ -90,16 +92,31 @@ void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* 
   });
 }
 
-// Run p over all N output rows, in row tiles spread over the thread pool. The grain keeps
-// at least ~1M multiply-adds per task so small layers do not pay for waking threads.
+// Call run(n0, n1) over all n output rows, in tiles of row_tile rows spread over the thread
+// pool (each thread gets one contiguous range). The grain keeps at least ~1M multiply-adds
+// per task so small layers do not pay for waking threads.
+template <class Run>
+void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run& run) {
+  const int64_t tiles = (n + row_tile - 1) / row_tile;
+  const int64_t work_per_tile = std::max<int64_t>(1, macs_per_row * row_tile);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_tile);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0 * row_tile, std::min(n, t1 * row_tile)); });
+}
+
+// Run p over all N output rows.
 void gemm_parallel(const GemmProblem& p, int64_t n) {
   const Kernels& kern = kernels();
-  const int64_t tiles = (n + kRowTile - 1) / kRowTile;
-  const int64_t work_per_tile = std::max<int64_t>(1, p.m * p.k_pad * kRowTile);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_tile);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    kern.gemm(p, t0 * kRowTile, std::min(n, t1 * kRowTile));
-  });
+  parallel_rows(n, p.m * p.k_pad, kRowTile, [&](int64_t n0, int64_t n1) { kern.gemm(p, n0, n1); });
+}
+
+// bias (optional, (out_features,), any float dtype) as a contiguous float32 tensor, or undefined.
+at::Tensor float_bias(const std::optional<at::Tensor>& bias, int64_t out_features) {
+  if (!bias.has_value()) return at::Tensor();
+  check_cpu(*bias, "bias");
+  dtype_of(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bitnet: bias has shape ", bias->sizes(),
+                    ", expected [", out_features, "]");
+  return bias->to(at::kFloat).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x) {
@@ -156,14 +173,7 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.numel() == 1,
                     "bitnet: weight scale must be a float32 tensor with one element, got ", scale.scalar_type(),
                     " of shape ", scale.sizes());
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    check_cpu(*bias, "bias");
-    dtype_of(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bitnet: bias has shape ",
-                      bias->sizes(), ", expected [", out_features, "]");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = float_bias(bias, out_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
@@ -215,6 +225,105 @@ at::Tensor stream_max_cpu(const at::Tensor& buf) {
   });
   const uint8_t mx = *std::max_element(partial.begin(), partial.end());
   return at::full({}, mx, buf.options());
+}
+
+// ---- int8 per-row weights: the lm_head and the embedding table (format: torch_bitnet/int8.py) ----
+
+constexpr int64_t kInt8BlockK = 64;
+constexpr int64_t kInt8MaxFeatures = int64_t(1) << 16;  // sum (w + 128) x stays below 255 * 128 * K < 2^31
+// Output rows per thread task: a multiple of every int8 kernel's NR, and 64 rows of 16-bit
+// outputs are 128 bytes, so at M = 1 two threads never write into the same cache line.
+constexpr int64_t kInt8RowTile = 64;
+
+int64_t pad_int8(int64_t k) { return (k + kInt8BlockK - 1) / kInt8BlockK * kInt8BlockK; }
+
+// weight: uint8 codes (rows, Kp); scale: float32 (rows,). Messages as int8.check_int8_weight.
+void check_int8_weight(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
+                       const char* what) {
+  TORCH_CHECK_VALUE(features >= 1 && rows >= 1, "bitnet: ", what, " sizes must be >= 1, got ", features,
+                    " features and ", rows, " rows");
+  TORCH_CHECK_VALUE(features <= kInt8MaxFeatures, "bitnet: ", what, " has ", features,
+                    " features; the supported maximum is ", kInt8MaxFeatures, " (int32 accumulation must stay exact)");
+  check_cpu(weight, "weight");
+  check_cpu(scale, "weight scale");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "bitnet: ", what, " weight must be uint8 codes, got ",
+                   weight.scalar_type());
+  const int64_t k_pad = pad_int8(features);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == rows && weight.size(1) == k_pad, "bitnet: ", what,
+                    " weight has shape ", weight.sizes(), ", expected [", rows, ", ", k_pad, "]");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == rows, "bitnet: ", what,
+                    " scale must be float32 of shape (", rows, ",), got ", scale.scalar_type(), " of shape ",
+                    scale.sizes());
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           int64_t in_features, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_int8_weight(weight, scale, in_features, out_features, "int8_linear");
+  const DType dt = dtype_of(x, "int8_linear input");
+  check_input(x, in_features, "int8_linear input");
+  const at::Tensor bias_f = float_bias(bias, out_features);
+  auto out = at::empty(with_last(x.sizes(), out_features), x.options());
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+
+  const int64_t k_pad = pad_int8(in_features);
+  const auto x2d = x.contiguous().view({m, in_features});
+  // One scratch allocation: xq (M, Kp) int8, then a (M) float and xsum (M) int32.
+  auto scratch = at::empty({m * k_pad + 8 * m + 64}, x.options().dtype(at::kByte));
+  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
+  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
+  int32_t* xsum = reinterpret_cast<int32_t*>(a + m);
+  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
+
+  const auto w = weight.contiguous();
+  const auto s = scale.contiguous();
+  Int8Problem p;
+  p.xq = xq;
+  p.ldq = k_pad;
+  p.xsum = xsum;
+  p.a = a;
+  p.w = w.data_ptr<uint8_t>();
+  p.w_scale = s.data_ptr<float>();
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.m = m;
+  p.k_pad = k_pad;
+  p.out = out.data_ptr();
+  p.out_dtype = dt;
+  p.ld = out_features;
+  const Kernels& kern = kernels();
+  parallel_rows(out_features, m * k_pad, kInt8RowTile, [&](int64_t n0, int64_t n1) { kern.int8_gemm(p, n0, n1); });
+  return out;
+}
+
+at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& scale,
+                              int64_t embedding_dim, at::ScalarType dtype) {
+  check_cpu(ids, "ids");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "bitnet: int8_embedding ids must be int64, got ",
+                   ids.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "bitnet: int8_embedding weight must be 2-D (rows, Kp), got shape ",
+                    weight.sizes());
+  const int64_t rows = weight.size(0);
+  check_int8_weight(weight, scale, embedding_dim, rows, "int8_embedding");
+  const DType dt = dtype_of(dtype, "int8_embedding dtype");
+  std::vector<int64_t> sizes(ids.sizes().begin(), ids.sizes().end());
+  sizes.push_back(embedding_dim);
+  auto out = at::empty(sizes, ids.options().dtype(dtype));
+  const int64_t count = ids.numel();
+  if (count == 0) return out;
+  const auto idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "bitnet: int8_embedding id ", id[i],
+                      " is out of range: the table has ", rows, " rows");
+  const auto w = weight.contiguous();
+  const auto s = scale.contiguous();
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = embedding_dim * out.element_size();
+  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t(1) << 16) / embedding_dim), [&](int64_t i0, int64_t i1) {
+    int8_embedding_rows(id + i0, i1 - i0, w.data_ptr<uint8_t>(), w.size(1), s.data_ptr<float>(), embedding_dim,
+                        dst + i0 * row_bytes, dt);
+  });
+  return out;
 }
 
 // ---- int8 KV cache ----
@@ -397,6 +506,10 @@ TORCH_LIBRARY(bitnet, m) {
       "-> Tensor");
   m.def("stream_max(Tensor buf) -> Tensor");
   m.def(
+      "int8_linear(Tensor x, Tensor weight, Tensor scale, int in_features, int out_features, Tensor? bias=None) "
+      "-> Tensor");
+  m.def("int8_embedding(Tensor ids, Tensor weight, Tensor scale, int embedding_dim, ScalarType dtype) -> Tensor");
+  m.def(
       "kv_cache_write(Tensor(a!) k_cache, Tensor(b!) k_scale, Tensor(c!) v_cache, Tensor(d!) v_scale, Tensor k, "
       "Tensor v, Tensor positions) -> ()");
   m.def(
@@ -413,6 +526,8 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("ternary_mm", &tbn::ternary_mm_cpu);
   m.impl("bitlinear", &tbn::bitlinear_cpu);
   m.impl("stream_max", &tbn::stream_max_cpu);
+  m.impl("int8_linear", &tbn::int8_linear_cpu);
+  m.impl("int8_embedding", &tbn::int8_embedding_cpu);
   m.impl("kv_cache_write", &tbn::kv_cache_write_cpu);
   m.impl("int8_attention", &tbn::int8_attention_cpu);
 }

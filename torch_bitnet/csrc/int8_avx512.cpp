@@ -1,0 +1,188 @@
+// AVX-512 VNNI kernel of the int8 per-row weights (lm_head). Per-function target attributes;
+// cpu_features.cpp selects it only on CPUs with AVX-512 F/BW/VL/VNNI.
+//
+// VPDPBUSD multiplies 64 unsigned weight codes (w + 128) by 64 signed activations and adds
+// each group of 4 products into one of 16 int32 lanes; acc = sum (w + 128) x - 128 sum x.
+// Every intermediate is exact: |sum (w + 128) x| <= 255 * 128 * K < 2^31 for K <= 2^16.
+#if defined(__x86_64__) || defined(_M_X64)
+
+// GCC 12.2's AVX-512 headers define _mm512_undefined_epi32() as a self-initialised variable,
+// which -Wall reports at every inlined unpack / shuffle / permute below (false positives).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+#define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
+// Loops over tile rows/tokens are unrolled with "#pragma GCC unroll" so the accumulator arrays
+// live in registers (see kernels_avx512.cpp).
+
+namespace tbn {
+namespace {
+
+// Software prefetch distance of the streaming (decode) tiles, bytes ahead of the tile start.
+// (Measured at the 2B-4T lm_head, 1 thread: 16 KiB streams at ~85% of stream_max, 8 KiB at ~78%,
+// no prefetch ~72%; 32 KiB no better.)
+constexpr int64_t kPrefetchAhead = 16384;
+
+// 16 vectors -> one: lane i = sum of the 16 lanes of v[i] (a transposing reduction tree:
+// 15 adds and 30 shuffles for 16 sums instead of 16 separate horizontal reductions).
+TB_AVX512_INLINE __m512i reduce16(const __m512i (&v)[16]) {
+  __m512i a[8], b[4], c[2];
+  // a[i], per 128-bit lane: [v2i.0 + v2i.2, v2i+1.0 + v2i+1.2, v2i.1 + v2i.3, v2i+1.1 + v2i+1.3]
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                            _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  // b[i], per 128-bit lane: the lane's sums of v4i .. v4i+3
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]),
+                            _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+  // c[i] = [b2i lanes 0+1, b2i lanes 2+3, b2i+1 lanes 0+1, b2i+1 lanes 2+3]
+  #pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+// Epilogue of an MR x NR tile (MR * NR <= 16): lane i = t * NR + r holds sum (w + 128) x of
+// token m + t and row n + r. Evaluates store_int8_result's float32 expression for all lanes
+// at once and stores the first nr results of each of the first mr tokens.
+template <int NR>
+TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, int mr, int nr, __m512i sums) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  static_assert(16 % NR == 0, "NR divides 16 (and is a power of two)");
+  constexpr int kShift = __builtin_ctz(NR);
+  const __m512i t_idx = _mm512_srli_epi32(iota, kShift);                // token of each lane
+  const __m512i r_idx = _mm512_and_si512(iota, _mm512_set1_epi32(NR - 1));  // row of each lane
+  const __mmask16 t_mask = __mmask16((1u << mr) - 1u), r_mask = __mmask16((1u << nr) - 1u);
+  // Masked loads: never read past xsum[M - 1] or scale[N - 1]; unused lanes compute garbage
+  // (0 / 0) that is never stored.
+  const __m512i xsum = _mm512_permutexvar_epi32(t_idx, _mm512_maskz_loadu_epi32(t_mask, p.xsum + m));
+  const __m512 a = _mm512_permutexvar_ps(t_idx, _mm512_maskz_loadu_ps(t_mask, p.a + m));
+  const __m512 s = _mm512_permutexvar_ps(r_idx, _mm512_maskz_loadu_ps(r_mask, p.w_scale + n));
+  const __m512i acc = _mm512_sub_epi32(sums, _mm512_slli_epi32(xsum, 7));
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_div_ps(s, a));
+  if (p.bias) y = _mm512_add_ps(y, _mm512_permutexvar_ps(r_idx, _mm512_maskz_loadu_ps(r_mask, p.bias + n)));
+  // The output's bits, one value per 32-bit lane (16-bit formats in the low half).
+  __m512i bits = _mm512_castps_si512(y);
+  if (p.out_dtype == DType::BF16) {
+    // float_to_bf16: round to nearest even on the bit pattern, NaN -> 0x7FC0
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  } else if (p.out_dtype == DType::F16) {
+    // IEEE round to nearest even, as float_to_f16 (NaN payloads may differ; NaN stays NaN)
+    bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  #pragma GCC unroll 16
+  for (int t = 0; t < 16 / NR; ++t) {
+    if (t >= mr) break;
+    // lanes t*NR .. t*NR + nr - 1 -> lanes 0 .. nr - 1, stored at out[m + t, n ..]
+    const __m512i row = t ? _mm512_permutexvar_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(t * NR)), bits) : bits;
+    const int64_t at = (m + t) * p.ld + n;
+    if (p.out_dtype == DType::F32)
+      _mm512_mask_storeu_epi32(static_cast<float*>(p.out) + at, r_mask, row);
+    else
+      _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.out) + at, r_mask, row);
+  }
+}
+
+// MR tokens x NR weight rows, the whole K. Stream (decode, M <= 4): the tile's rows are one
+// contiguous range of NR * Kp bytes, read as NR interleaved streams; each step also prefetches
+// NR lines kPrefetchAhead bytes further on into L2, so DRAM latency is hidden and the weight
+// is read at memory speed (as the ternary GEMV in kernels_avx512.cpp). Without Stream
+// (prefill) the rows were just read by the previous token tile and sit in L1.
+template <int MR, int NR, bool Stream>
+TB_AVX512 void tile(const Int8Problem& p, int64_t m, int64_t n) {
+  static_assert(MR * NR <= 16, "one result vector holds the tile");
+  __m512i acc[MR][NR];
+  #pragma GCC unroll 16
+  for (int t = 0; t < MR; ++t)
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_setzero_si512();
+  const uint8_t* w = p.w + n * p.k_pad;
+  const int8_t* x = p.xq + m * p.ldq;
+  const char* pf = reinterpret_cast<const char*>(w) + kPrefetchAhead;
+  for (int64_t c = 0; c < p.k_pad; c += 64) {
+    if constexpr (Stream) {
+      #pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) _mm_prefetch(pf + NR * c + 64 * r, _MM_HINT_T1);
+    }
+    __m512i wv[NR];
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * p.k_pad + c);
+    #pragma GCC unroll 16
+    for (int t = 0; t < MR; ++t) {
+      const __m512i xv = _mm512_loadu_si512(x + t * p.ldq + c);
+      #pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv[r], xv);
+    }
+  }
+  // An empty asm that "changes" every accumulator: without it GCC 12 lets the reduction's
+  // operand pairing drive the register allocation of the loop above and copies all 16
+  // accumulators between registers on every step (measured: prefill 1.5x slower).
+  #pragma GCC unroll 16
+  for (int t = 0; t < MR; ++t)
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) __asm__("" : "+v"(acc[t][r]));
+  __m512i sums[16];  // lane order t * NR + r, unused lanes zero
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) sums[i] = i < MR * NR ? acc[i / NR][i % NR] : _mm512_setzero_si512();
+  store_tile<NR>(p, m, n, MR, NR, reduce16(sums));
+}
+
+using TileFn = void (*)(const Int8Problem&, int64_t, int64_t);
+using RowsFn = void (*)(const Int8Problem&, int64_t, int64_t, int64_t);
+
+// Rows [n0, n1) for the tokens m .. m + MR - 1: NR rows at a time, then single rows.
+template <int MR, int NR, bool Stream>
+void rows(const Int8Problem& p, int64_t m, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile<MR, NR, Stream>(p, m, n);
+  for (; n < n1; ++n) tile<MR, 1, Stream>(p, m, n);
+}
+
+constexpr int kMR = 4;
+constexpr int kNR = 4;
+// Decode tiles by M, kNR rows each: 4 streams per thread kept ahead by the prefetches read at
+// memory speed (8 or 16 rows in flight measured no faster, and slower with 1 thread).
+constexpr RowsFn kStream[kMR] = {rows<1, kNR, true>, rows<2, kNR, true>, rows<3, kNR, true>, rows<4, kNR, true>};
+// Prefill tiles by the number of tokens left (1 .. kMR), full NR rows and a single row.
+constexpr TileFn kTiles[kMR] = {tile<1, kNR, false>, tile<2, kNR, false>, tile<3, kNR, false>, tile<4, kNR, false>};
+constexpr TileFn kRowTail[kMR] = {tile<1, 1, false>, tile<2, 1, false>, tile<3, 1, false>, tile<4, 1, false>};
+
+}  // namespace
+
+void int8_gemm_avx512(const Int8Problem& p, int64_t n0, int64_t n1) {
+  if (p.m <= kMR) {
+    // Decode: every weight byte is used by at most 4 tokens, the op streams the weight once.
+    kStream[p.m - 1](p, 0, n0, n1);
+    return;
+  }
+  // Prefill: token chunks whose activations (chunk x Kp bytes, <= 512 KiB) stay in L2 while
+  // kNR weight rows at a time (kNR x Kp bytes, 10 KiB at K = 2560) stay in L1 and serve every
+  // token of the chunk: the weight comes from DRAM once per chunk.
+  const int64_t chunk = std::max<int64_t>(kMR, (int64_t(512) << 10) / p.k_pad / kMR * kMR);
+  for (int64_t m0 = 0; m0 < p.m; m0 += chunk) {
+    const int64_t m1 = std::min(p.m, m0 + chunk);
+    int64_t n = n0;
+    for (; n + kNR <= n1; n += kNR)
+      for (int64_t m = m0; m < m1; m += kMR) kTiles[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
+    for (; n < n1; ++n)
+      for (int64_t m = m0; m < m1; m += kMR) kRowTail[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
+  }
+}
+
+}  // namespace tbn
+
+#endif  // x86-64

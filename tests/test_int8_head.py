@@ -672,8 +672,9 @@ def test_state_dict_round_trip():
 # --------------------------------------------------------------------------------------
 
 # (outlier channel factor, max rel. error, mean rel. error, top-1 agreement): the bounds the
-# test asserts, each with about 1.5x headroom over the figures measured on this seeded data.
-QUALITY_CASES = [(1.0, 0.025, 0.016, 0.96), (10.0, 0.07, 0.04, 0.93)]
+# test asserts, with about 1.5x headroom over the errors measured on this seeded data (and
+# 1.5x on the top-1 disagreement rate).
+QUALITY_CASES = [(1.0, 0.025, 0.016, 0.97), (10.0, 0.07, 0.04, 0.93)]
 
 
 @pytest.mark.parametrize("outlier,max_tol,mean_tol,top1_tol", QUALITY_CASES, ids=["no_outliers", "outliers_x10"])
@@ -691,7 +692,7 @@ def test_quality_vs_float_lm_head(outlier, max_tol, mean_tol, top1_tol):
     case               max rel. err  mean rel. err  top-1  bf16 F.linear (context)
     =================  ============  =============  =====  ========================
     no outliers        0.017         0.011          0.98   0.004 / 0.003 / 0.99
-    outliers x10       0.047         0.025          0.96   0.004 / 0.003 / 0.98
+    outliers x10       0.045         0.025          0.95   0.004 / 0.003 / 0.99
     =================  ============  =============  =====  ========================
 
     Where the error comes from: rounding the weight to its row's step max|W_n| / 127 alone gives

@@ -34,8 +34,8 @@ TB_AVX2_INLINE int32_t hsum_epi32(__m256i v) {
 }
 
 // MR tokens x NR weight rows, the whole K (32 bytes per step, two steps per 64-byte line).
-// Stream (decode): prefetch NR lines per 64 bytes kPrefetchAhead bytes ahead into L2, see
-// int8_avx512.cpp.
+// Stream (first token tile of a weight tile): prefetch NR lines per 64 bytes kPrefetchAhead
+// bytes ahead into L2, see int8_avx512.cpp.
 template <int MR, int NR, bool Stream>
 TB_AVX2 void tile(const Int8Problem& p, int64_t m, int64_t n) {
   const __m256i flip = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
@@ -76,37 +76,29 @@ TB_AVX2 void tile(const Int8Problem& p, int64_t m, int64_t n) {
     for (int r = 0; r < NR; ++r) store_int8_result(p, m + t, n + r, hsum_epi32(acc[t][r]));
 }
 
-// Rows [n0, n1) for the tokens m .. m + MR - 1: NR rows at a time, then single rows.
-template <int MR, int NR, bool Stream>
-void rows(const Int8Problem& p, int64_t m, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<MR, NR, Stream>(p, m, n);
-  for (; n < n1; ++n) tile<MR, 1, Stream>(p, m, n);
-}
-
 using TileFn = void (*)(const Int8Problem&, int64_t, int64_t);
 
 constexpr int kMR = 2;
 constexpr int kNR = 4;
 // 16 ymm registers: 2 x 4 accumulators, 4 weight vectors, |x|, x and two constants.
-constexpr TileFn kTiles[kMR] = {tile<1, kNR, false>, tile<2, kNR, false>};
+// [streaming][tokens left - 1], as in int8_avx512.cpp.
+constexpr TileFn kTiles[2][kMR] = {
+    {tile<1, kNR, false>, tile<2, kNR, false>},
+    {tile<1, kNR, true>, tile<2, kNR, true>},
+};
 constexpr TileFn kRowTail[kMR] = {tile<1, 1, false>, tile<2, 1, false>};
 
 }  // namespace
 
 void int8_gemm_avx2(const Int8Problem& p, int64_t n0, int64_t n1) {
-  if (p.m <= kMR) {
-    // Decode: stream the weight once, kNR rows at a time.
-    (p.m == 1 ? rows<1, kNR, true> : rows<2, kNR, true>)(p, 0, n0, n1);
-    return;
-  }
-  // Prefill: as in int8_avx512.cpp, token chunks in L2, kNR weight rows in L1.
+  // As in int8_avx512.cpp: token chunks in L2, kNR weight rows in L1, each weight tile streamed
+  // from DRAM by the chunk's first token tile.
   const int64_t chunk = std::max<int64_t>(kMR, (int64_t(512) << 10) / p.k_pad / kMR * kMR);
   for (int64_t m0 = 0; m0 < p.m; m0 += chunk) {
     const int64_t m1 = std::min(p.m, m0 + chunk);
     int64_t n = n0;
     for (; n + kNR <= n1; n += kNR)
-      for (int64_t m = m0; m < m1; m += kMR) kTiles[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
+      for (int64_t m = m0; m < m1; m += kMR) kTiles[m == m0][std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
     for (; n < n1; ++n)
       for (int64_t m = m0; m < m1; m += kMR) kRowTail[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
   }

@@ -97,11 +97,12 @@ TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, int
   }
 }
 
-// MR tokens x NR weight rows, the whole K. Stream (decode, M <= 4): the tile's rows are one
-// contiguous range of NR * Kp bytes, read as NR interleaved streams; each step also prefetches
-// NR lines kPrefetchAhead bytes further on into L2, so DRAM latency is hidden and the weight
-// is read at memory speed (as the ternary GEMV in kernels_avx512.cpp). Without Stream
-// (prefill) the rows were just read by the previous token tile and sit in L1.
+// MR tokens x NR weight rows, the whole K. Stream (the first token tile of a weight tile): the
+// tile's rows are one contiguous range of NR * Kp bytes, read from DRAM as NR interleaved
+// streams; each step also prefetches NR lines kPrefetchAhead bytes further on into L2, so DRAM
+// latency is hidden and the weight is read at memory speed (as the ternary GEMV in
+// kernels_avx512.cpp). Without Stream the rows were just read by the previous token tile and
+// sit in L1.
 template <int MR, int NR, bool Stream>
 TB_AVX512 void tile(const Int8Problem& p, int64_t m, int64_t n) {
   static_assert(MR * NR <= 16, "one result vector holds the tile");
@@ -141,43 +142,32 @@ TB_AVX512 void tile(const Int8Problem& p, int64_t m, int64_t n) {
   store_tile<NR>(p, m, n, MR, NR, reduce16(sums));
 }
 
-using TileFn = void (*)(const Int8Problem&, int64_t, int64_t);
-using RowsFn = void (*)(const Int8Problem&, int64_t, int64_t, int64_t);
-
-// Rows [n0, n1) for the tokens m .. m + MR - 1: NR rows at a time, then single rows.
-template <int MR, int NR, bool Stream>
-void rows(const Int8Problem& p, int64_t m, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<MR, NR, Stream>(p, m, n);
-  for (; n < n1; ++n) tile<MR, 1, Stream>(p, m, n);
-}
-
 constexpr int kMR = 4;
 constexpr int kNR = 4;
-// Decode tiles by M, kNR rows each: 4 streams per thread kept ahead by the prefetches read at
-// memory speed (8 or 16 rows in flight measured no faster, and slower with 1 thread).
-constexpr RowsFn kStream[kMR] = {rows<1, kNR, true>, rows<2, kNR, true>, rows<3, kNR, true>, rows<4, kNR, true>};
-// Prefill tiles by the number of tokens left (1 .. kMR), full NR rows and a single row.
-constexpr TileFn kTiles[kMR] = {tile<1, kNR, false>, tile<2, kNR, false>, tile<3, kNR, false>, tile<4, kNR, false>};
+using TileFn = void (*)(const Int8Problem&, int64_t, int64_t);
+// Tiles by [streaming][tokens left (1 .. kMR) - 1]. The first token tile of a weight tile reads
+// its kNR rows from DRAM and streams them (4 rows per thread: 8 or 16 in flight measured no
+// faster, and slower with 1 thread); the chunk's later token tiles find them in L1.
+constexpr TileFn kTiles[2][kMR] = {
+    {tile<1, kNR, false>, tile<2, kNR, false>, tile<3, kNR, false>, tile<4, kNR, false>},
+    {tile<1, kNR, true>, tile<2, kNR, true>, tile<3, kNR, true>, tile<4, kNR, true>},
+};
+// The last n1 - n < kNR rows of a range, one at a time.
 constexpr TileFn kRowTail[kMR] = {tile<1, 1, false>, tile<2, 1, false>, tile<3, 1, false>, tile<4, 1, false>};
 
 }  // namespace
 
 void int8_gemm_avx512(const Int8Problem& p, int64_t n0, int64_t n1) {
-  if (p.m <= kMR) {
-    // Decode: every weight byte is used by at most 4 tokens, the op streams the weight once.
-    kStream[p.m - 1](p, 0, n0, n1);
-    return;
-  }
-  // Prefill: token chunks whose activations (chunk x Kp bytes, <= 512 KiB) stay in L2 while
-  // kNR weight rows at a time (kNR x Kp bytes, 10 KiB at K = 2560) stay in L1 and serve every
-  // token of the chunk: the weight comes from DRAM once per chunk.
+  // Token chunks whose activations (chunk x Kp bytes, <= 512 KiB) stay in L2 while kNR weight
+  // rows at a time (kNR x Kp bytes, 10 KiB at K = 2560) stay in L1 and serve every token of the
+  // chunk: the weight is read from DRAM once per chunk (once in all up to 204 tokens at
+  // K = 2560), at memory speed. Decode (M <= 4) is the one-tile case of the same loop.
   const int64_t chunk = std::max<int64_t>(kMR, (int64_t(512) << 10) / p.k_pad / kMR * kMR);
   for (int64_t m0 = 0; m0 < p.m; m0 += chunk) {
     const int64_t m1 = std::min(p.m, m0 + chunk);
     int64_t n = n0;
     for (; n + kNR <= n1; n += kNR)
-      for (int64_t m = m0; m < m1; m += kMR) kTiles[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
+      for (int64_t m = m0; m < m1; m += kMR) kTiles[m == m0][std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
     for (; n < n1; ++n)
       for (int64_t m = m0; m < m1; m += kMR) kRowTail[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n);
   }

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Benchmark the int8 lm_head (``torch_bitnet.int8_linear``) against F.linear and a read-bandwidth yardstick.
+
+    python benchmarks/bench_lm_head.py                      # 2B-4T lm_head, M = 1 and 512, 1 and 2 threads
+    python benchmarks/bench_lm_head.py --rounds 5 --json lm_head.json
+    python benchmarks/bench_lm_head.py --quick              # smoke run, well under a minute
+
+The shape is microsoft/bitnet-b1.58-2B-4T's tied lm_head: vocab 128256 x hidden 2560
+(``--vocab``, ``--hidden``). The table is a random bf16 matrix, quantized once with
+``quantize_int8_rows`` (328 MB of int8 codes); F.linear gets the same table in bf16 (657 MB) and
+in fp32 (1.3 GB). M is the number of tokens: 1 is a decode step, 512 a prefill that computes
+every position's logits. Activations are bf16 for ours and bf16 F.linear, fp32 for fp32 F.linear.
+
+For each thread count, in every round and at every M, one process times:
+
+* ours      ``int8_linear`` (bf16 in, bf16 out), and its weight read rate = code bytes / time
+            (meaningful at small M, where the op is memory-bound; M = 512 is compute-bound);
+* yardstick ``stream_max`` over the same 328 MB of codes: one sequential read with the widest
+            loads, what "streaming the weight at memory speed" means here; ours/yd = our rate as a
+            fraction of it (the target at M = 1 is >= 80%);
+* F.linear  in bf16 and in fp32 on the same table, reported as F.linear time / our time.
+
+Cold weights: every table is several times the L3 cache, so each call reads it from DRAM (the
+previous call's tail is all the cache holds, and a call starts at the head). Timing: the
+median of the calls of a measurement (at least ``--repeats`` calls and ``--min-time`` seconds,
+at least 2 calls for ops slower than ``--max-time``), after one untimed warm-up call.
+
+The machine is shared (2 cores): other processes distort the figures. Each round prints the
+1-minute load average; the summary reports, per (threads, M), the round whose yardstick was
+fastest (the quietest one), with the ratios measured in that same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torch_bitnet as tb
+from bench_bitlinear import cpu_model  # the sibling script (this directory is on sys.path)
+
+VOCAB, HIDDEN = 128256, 2560
+TARGET_STREAM_FRACTION = 0.80
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--m", default="1,512", help="comma-separated token counts M (default 1,512)")
+    p.add_argument("--vocab", type=int, default=VOCAB, help=f"rows of the table (default {VOCAB})")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden size K (default {HIDDEN})")
+    p.add_argument("--rounds", type=int, default=3, help="repetitions of the whole measurement (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at least (default 5)")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement, at least (default 0.5)")
+    p.add_argument("--max-time", type=float, default=4.0, help="a slow op stops after this many seconds (default 4)")
+    p.add_argument("--isa", choices=tb.isa.ISAS, help="kernel path (default: the current one)")
+    p.add_argument("--quick", action="store_true", help="vocab 32768, M = 1 and 16, one round: a smoke run")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write every round's results as JSON")
+    args = p.parse_args()
+    if args.quick:
+        args.vocab, args.m, args.rounds, args.repeats, args.min_time = 32768, "1,16", 1, 3, 0.1
+    try:
+        args.threads = [int(v) for v in args.threads.split(",")]
+        args.m = [int(v) for v in str(args.m).split(",")]
+    except ValueError:
+        p.error("--threads and --m take comma-separated integers")
+    if min(args.threads) < 1 or min(args.m) < 1 or args.rounds < 1 or args.repeats < 1:
+        p.error("thread counts, M, --rounds and --repeats must be >= 1")
+    return args
+
+
+def measure(fn: Callable[[], object], args: argparse.Namespace) -> float:
+    """Median wall seconds of fn() after one untimed warm-up call."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if len(times) >= args.repeats and spent >= args.min_time:
+            break
+        if len(times) >= 2 and spent >= args.max_time:
+            break
+    return statistics.median(times)
+
+
+def bench_round(m: int, tables: dict, args: argparse.Namespace, gen: torch.Generator) -> dict:
+    """One measurement of every op at M tokens."""
+    codes, scale, w16, w32 = tables["codes"], tables["scale"], tables["bf16"], tables["fp32"]
+    n, k = args.vocab, args.hidden
+    x16 = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x32 = x16.float()
+    flat = codes.view(-1)
+    t_ours = measure(lambda: tb.int8_linear(x16, codes, scale, k, n), args)
+    t_yard = measure(lambda: tb.stream_max(flat), args)
+    t_bf16 = measure(lambda: F.linear(x16, w16), args)
+    t_fp32 = measure(lambda: F.linear(x32, w32), args)
+    nbytes = codes.numel()
+    return {
+        "m": m,
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],
+        "ours_ms": t_ours * 1e3,
+        "ours_gbs": nbytes / t_ours / 1e9,
+        "yard_gbs": nbytes / t_yard / 1e9,
+        "ours_vs_yard": t_yard / t_ours,
+        "bf16_ms": t_bf16 * 1e3,
+        "bf16_speedup": t_bf16 / t_ours,
+        "fp32_ms": t_fp32 * 1e3,
+        "fp32_speedup": t_fp32 / t_ours,
+    }
+
+
+HEAD = (
+    f"{'thr':>3} {'M':>4} {'load':>5} | {'ours ms':>9} {'GB/s':>6} | {'yard GB/s':>9} {'ours/yd':>7} | "
+    f"{'bf16 ms':>9} {'x':>6} | {'fp32 ms':>9} {'x':>6}"
+)
+
+
+def format_row(r: dict) -> str:
+    return (
+        f"{r['threads']:>3} {r['m']:>4} {r['load_avg_1min']:5.2f} | {r['ours_ms']:9.2f} {r['ours_gbs']:6.1f} | "
+        f"{r['yard_gbs']:9.1f} {r['ours_vs_yard']:6.0%} | {r['bf16_ms']:9.2f} {r['bf16_speedup']:5.1f}x | "
+        f"{r['fp32_ms']:9.2f} {r['fp32_speedup']:5.1f}x"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    isa = args.isa or tb.get_isa()
+    n, k = args.vocab, args.hidden
+    header = {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "isa": isa,
+        "shape": [n, k],
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    print(f"CPU: {header['cpu']} | threads: {args.threads} | torch {header['torch']} | ISA: {isa}")
+    gen = torch.Generator().manual_seed(0)
+    w16 = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+    codes, scale = tb.quantize_int8_rows(w16)
+    tables = {"codes": codes, "scale": scale, "bf16": w16, "fp32": w16.float()}
+    print(
+        f"lm_head {n} x {k}: int8 codes {codes.numel() / 1e6:.0f} MB, bf16 {w16.numel() * 2 / 1e6:.0f} MB, "
+        f"fp32 {w16.numel() * 4 / 1e6:.0f} MB (cold: each > L3); date {header['date']}; "
+        f"load avg before start {header['load_avg_1min']:.2f}"
+    )
+    print("ours = int8_linear bf16 -> bf16; GB/s = code bytes / time; yard = stream_max over the codes; x = F.linear time / ours")
+    print()
+    print(HEAD)
+    rows = []
+    with tb.use_isa(isa), torch.inference_mode():
+        for rnd in range(args.rounds):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for m in args.m:
+                    row = bench_round(m, tables, args, gen) | {"round": rnd}
+                    print(format_row(row), flush=True)
+                    rows.append(row)
+    print()
+    print("summary: per (threads, M) the quietest round (fastest yardstick), its same-round ratios")
+    print(HEAD)
+    best = {}
+    for r in rows:
+        key = (r["threads"], r["m"])
+        if key not in best or r["yard_gbs"] > best[key]["yard_gbs"]:
+            best[key] = r
+    for key in sorted(best):
+        print(format_row(best[key]))
+    for (threads, m), r in sorted(best.items()):
+        if m == 1:
+            verdict = "meets" if r["ours_vs_yard"] >= TARGET_STREAM_FRACTION else "misses"
+            print(
+                f"M=1, {threads} thread(s): {r['ours_vs_yard']:.0%} of the yardstick ({verdict} the "
+                f">= {TARGET_STREAM_FRACTION:.0%} target), {r['bf16_speedup']:.1f}x faster than bf16 F.linear"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,8 @@
 namespace tbn {
 namespace {
 
-// Software prefetch distance of the streaming (decode) tiles, bytes ahead of the tile start.
-// (Measured at the 2B-4T lm_head, 1 thread: 16 KiB streams at ~85% of stream_max, 8 KiB at ~78%,
+// Software prefetch distance of the streaming tiles, bytes ahead of the tile start. (Measured
+// at the 2B-4T lm_head, M = 1, 1 thread: 16 KiB streams at 85-90% of stream_max, 8 KiB ~78%,
 // no prefetch ~72%; 32 KiB no better.)
 constexpr int64_t kPrefetchAhead = 16384;
 
@@ -56,15 +56,15 @@ TB_AVX512_INLINE __m512i reduce16(const __m512i (&v)[16]) {
 
 // Epilogue of an MR x NR tile (MR * NR <= 16): lane i = t * NR + r holds sum (w + 128) x of
 // token m + t and row n + r. Evaluates store_int8_result's float32 expression for all lanes
-// at once and stores the first nr results of each of the first mr tokens.
-template <int NR>
-TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, int mr, int nr, __m512i sums) {
+// at once and stores the NR results of each of the MR tokens.
+template <int MR, int NR>
+TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, __m512i sums) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   static_assert(16 % NR == 0, "NR divides 16 (and is a power of two)");
   constexpr int kShift = __builtin_ctz(NR);
   const __m512i t_idx = _mm512_srli_epi32(iota, kShift);                // token of each lane
   const __m512i r_idx = _mm512_and_si512(iota, _mm512_set1_epi32(NR - 1));  // row of each lane
-  const __mmask16 t_mask = __mmask16((1u << mr) - 1u), r_mask = __mmask16((1u << nr) - 1u);
+  constexpr __mmask16 t_mask = __mmask16((1u << MR) - 1u), r_mask = __mmask16((1u << NR) - 1u);
   // Masked loads: never read past xsum[M - 1] or scale[N - 1]; unused lanes compute garbage
   // (0 / 0) that is never stored.
   const __m512i xsum = _mm512_permutexvar_epi32(t_idx, _mm512_maskz_loadu_epi32(t_mask, p.xsum + m));
@@ -85,9 +85,8 @@ TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, int
     bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   #pragma GCC unroll 16
-  for (int t = 0; t < 16 / NR; ++t) {
-    if (t >= mr) break;
-    // lanes t*NR .. t*NR + nr - 1 -> lanes 0 .. nr - 1, stored at out[m + t, n ..]
+  for (int t = 0; t < MR; ++t) {
+    // lanes t*NR .. t*NR + NR - 1 -> lanes 0 .. NR - 1, stored at out[m + t, n ..]
     const __m512i row = t ? _mm512_permutexvar_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(t * NR)), bits) : bits;
     const int64_t at = (m + t) * p.ld + n;
     if (p.out_dtype == DType::F32)
@@ -139,7 +138,7 @@ TB_AVX512 void tile(const Int8Problem& p, int64_t m, int64_t n) {
   __m512i sums[16];  // lane order t * NR + r, unused lanes zero
   #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) sums[i] = i < MR * NR ? acc[i / NR][i % NR] : _mm512_setzero_si512();
-  store_tile<NR>(p, m, n, MR, NR, reduce16(sums));
+  store_tile<MR, NR>(p, m, n, reduce16(sums));
 }
 
 constexpr int kMR = 4;

@@ -21,8 +21,6 @@ from .packing import check_features, pack_ternary, packed_shape, ternarize, unpa
 
 __all__ = ["BitLinear", "Int8Embedding", "Int8Linear"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 class BitLinear(nn.Module):
     """BitNet b1.58 linear layer: ternary weight x int8 activations (quantized inside the op).
@@ -139,7 +137,7 @@ class Int8Embedding(nn.Module):
     ) -> None:
         super().__init__()
         check_int8_sizes(embedding_dim, num_embeddings, "Int8Embedding")
-        if output_dtype not in _FLOAT_DTYPES:
+        if output_dtype not in ops._FLOAT_DTYPES:
             raise ValueError(
                 f"torch_bitnet: Int8Embedding output_dtype must be float32, bfloat16 or float16, got {output_dtype}"
             )

@@ -67,7 +67,8 @@ def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_logits_match_transformers(checkpoints, name, mode):
     path = checkpoints[name, mode]
-    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32)
+    # the float lm_head: transformers' own (the int8 one is measured in test_int8_head.py)
+    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16")
     theirs = _transformers_fp32(path)
     for ids in _prompts(ours.config.vocab_size):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
@@ -80,7 +81,7 @@ def test_logits_match_transformers(checkpoints, name, mode):
 @pytest.mark.parametrize("name", list(SMALL_CONFIGS))
 def test_greedy_continuation_matches_transformers(checkpoints, name):
     path = checkpoints[name, "offline"]
-    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32)
+    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16")
     theirs = _transformers_fp32(path)
     ids = _prompts(ours.config.vocab_size)[1]
     assert torch.equal(_greedy(ours, ids, 32), _greedy(theirs, ids, 32))
@@ -90,26 +91,35 @@ def test_greedy_continuation_matches_transformers(checkpoints, name):
 def test_from_pretrained_equals_patch_of_transformers(checkpoints, mode):
     path = checkpoints["gqa", mode]
     ours = torch_bitnet.from_pretrained(path, dtype=torch.float32)
-    patched = torch_bitnet.patch(_transformers_fp32(path))
+    patched = torch_bitnet.patch(_transformers_fp32(path))  # both quantize the embedding / lm_head alike
     assert sum(isinstance(m, BitLinear) for m in ours.modules()) == 2 * 7
     ids = _prompts(ours.config.vocab_size)[2]
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, patched(ids).logits)
 
 
-def test_bf16_model_loads_and_runs(checkpoints):
+@pytest.mark.parametrize("lm_head", ["int8", "bf16"])
+def test_bf16_model_loads_and_runs(checkpoints, lm_head):
     path = checkpoints["tiny", "offline"]
-    model = torch_bitnet.from_pretrained(path)
+    model = torch_bitnet.from_pretrained(path, lm_head=lm_head)
     # generation_config.json is read (its eos list includes <|eot_id|>)
     assert model.generation_config.eos_token_id == json.loads((path / "generation_config.json").read_text())["eos_token_id"]
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    embedding = model.get_input_embeddings()
+    if lm_head == "int8":  # one int8 table for the tied embedding and lm_head, bf16 vectors out
+        assert isinstance(embedding, torch_bitnet.Int8Embedding) and embedding.output_dtype == torch.bfloat16
+        assert model.lm_head.weight.data_ptr() == embedding.weight.data_ptr()
+    else:
+        assert embedding.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits = model(_prompts(model.config.vocab_size)[1]).logits
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
 
 
 def test_compiled_forward_matches_eager(checkpoints):
-    model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32)
+    # float lm_head: with the int8 one a last-bit change of the final hidden state can move an
+    # activation across an int8 rounding boundary, beyond this tolerance (test_int8_head.py
+    # tests the int8 op under torch.compile)
+    model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head="bf16")
     ids = _prompts(model.config.vocab_size)[2]
     with torch.no_grad():
         eager = model(ids).logits
@@ -131,6 +141,33 @@ def test_save_then_load_round_trips_exactly(checkpoints, tmp_path, mode):
     ids = _prompts(model.config.vocab_size)[1]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_lm_head_forms_save_load_and_convert(checkpoints, tmp_path):
+    """int8 and bf16 embedding / lm_head tables survive save -> load; a bf16 table can be loaded
+    as int8 (quantized at load, equal to quantizing the original); an int8 one cannot be loaded
+    as bf16 (clear error); patch() quantizes exactly as from_pretrained."""
+    src = checkpoints["odd", "offline"]
+    ids = _prompts(1000)[1]
+    models = {head: torch_bitnet.from_pretrained(src, dtype=torch.float32, lm_head=head) for head in ("int8", "bf16")}
+    with torch.no_grad():
+        for head, model in models.items():
+            saved = torch_bitnet.save_pretrained(model, tmp_path / head)
+            assert json.loads((saved / "config.json").read_text())["torch_bitnet"]["lm_head"] == head
+            again = torch_bitnet.from_pretrained(saved, dtype=torch.float32, lm_head=head)
+            assert torch.equal(model(ids).logits, again(ids).logits)
+        requantized = torch_bitnet.from_pretrained(tmp_path / "bf16", dtype=torch.float32, lm_head="int8")
+        assert torch.equal(requantized(ids).logits, models["int8"](ids).logits)
+        patched = torch_bitnet.patch(_transformers_fp32(src))
+        assert isinstance(patched.lm_head, torch_bitnet.Int8Linear)
+        assert torch.equal(patched(ids).logits, models["int8"](ids).logits)
+    with pytest.raises(ValueError, match="stores an int8 embedding"):
+        torch_bitnet.from_pretrained(tmp_path / "int8", lm_head="bf16")
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        torch_bitnet.from_pretrained(src, lm_head="int4")
+    converted = torch_bitnet.convert_checkpoint(src, tmp_path / "conv", dtype=torch.float32, lm_head="int8",
+                                                progress=False)
+    assert (converted / PACKED_FILE).stat().st_size < (tmp_path / "bf16" / PACKED_FILE).stat().st_size
 
 
 def test_convert_online_checkpoint_to_packed(checkpoints, tmp_path):

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .kv_cache import set_kv_cache_dtype
-from .nn import BitLinear
+from .int8 import int8_shape, quantize_int8_rows
+from .nn import BitLinear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed, packed_shape, ternarize
 
 __all__ = ["from_pretrained", "save_pretrained", "convert_checkpoint", "resolve_model_path"]
@@ -51,6 +52,8 @@ LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+#: lm_head / embedding forms from_pretrained can build
+LM_HEADS = ("int8", "bf16")
 #: files copied along when converting a checkpoint
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -194,6 +197,23 @@ def _load_linear(ckpt: _Checkpoint, prefix: str, layer: BitLinear, kind: str) ->
     return state
 
 
+def _load_int8_tables(model, ckpt: _Checkpoint, tied: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """State of the int8 embedding (and untied lm_head): read as stored if the checkpoint has
+    the int8 form, else quantized per row from its float table (memory-mapped, in chunks)."""
+    state: dict[str, torch.Tensor] = {}
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    for name in ("model.embed_tokens",) + (() if tied else ("lm_head",)):
+        if f"{name}.weight_scale" in ckpt:
+            state[f"{name}.weight"] = ckpt.get(f"{name}.weight", int8_shape(vocab, hidden), (torch.uint8,))
+            state[f"{name}.weight_scale"] = ckpt.get(f"{name}.weight_scale", (vocab,), (torch.float32,))
+        else:
+            table = ckpt.get(f"{name}.weight", (vocab, hidden), _FLOATS)
+            state[f"{name}.weight"], state[f"{name}.weight_scale"] = quantize_int8_rows(table)
+    if tied and "lm_head.weight" in ckpt:  # a tied checkpoint may still carry the copy; it is not needed
+        ckpt.used.add("lm_head.weight")
+    return state
+
+
 def _progress(items: list, desc: str, enabled: bool) -> Iterator:
     if not enabled:
         return iter(items)
@@ -209,6 +229,7 @@ def from_pretrained(
     revision: str | None = None,
     progress: bool | None = None,
     kv_cache_dtype: str | None = None,
+    lm_head: str = "int8",
 ) -> torch.nn.Module:
     """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
 
@@ -222,6 +243,12 @@ def from_pretrained(
         kv_cache_dtype: ``int8`` | ``bf16`` | ``fp32``, how the model's KV cache stores keys
             and values (:func:`torch_bitnet.kv_cache.set_kv_cache_dtype`); default
             ``BITNET_KV_CACHE_DTYPE``, else int8.
+        lm_head: ``"int8"`` (default): the token embedding and the lm_head (one table when
+            tied, as in 2B-4T) quantized per row to int8 (:class:`torch_bitnet.Int8Embedding`,
+            :class:`torch_bitnet.Int8Linear`): half the bytes of bf16, and the float table is
+            never resident (it is quantized from the memory-mapped file a few thousand rows at
+            a time, or read as stored from a checkpoint saved with an int8 table).
+            ``"bf16"``: the table as stored, unquantized, in ``dtype`` (exact).
 
     Returns:
         The model in eval mode, without gradients, equal to
@@ -238,9 +265,17 @@ def from_pretrained(
 
     if dtype not in _FLOATS:
         raise TypeError(f"torch_bitnet: dtype must be float32, bfloat16 or float16, got {dtype}")
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"torch_bitnet: lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
     path = resolve_model_path(path_or_id, revision)
     raw = _read_config(path)
     ours = FORMAT_KEY in raw
+    stored_head = raw[FORMAT_KEY].get("lm_head", "bf16") if ours else "bf16"
+    if stored_head == "int8" and lm_head != "int8":
+        raise ValueError(
+            f"torch_bitnet: {path} stores an int8 embedding / lm_head; lm_head={lm_head!r} needs the float table, "
+            "which it does not contain (load it with lm_head='int8', or convert the original checkpoint again)"
+        )
     qc = raw.get("quantization_config") or {}
     if ours:
         kind = "ours"
@@ -265,6 +300,9 @@ def from_pretrained(
                 layer.set_submodule(
                     name, BitLinear(old.in_features, old.out_features, old.bias is not None, "meta", rms_norm)
                 )
+        if lm_head == "int8":
+            model.model.embed_tokens = Int8Embedding(config.vocab_size, config.hidden_size, dtype, "meta")
+            model.lm_head = Int8Linear(config.hidden_size, config.vocab_size, device="meta")
 
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(path, stack, ours)
@@ -276,10 +314,12 @@ def from_pretrained(
                 prefix = f"model.layers.{i}.{name}"
                 for key, tensor in _load_linear(ckpt, prefix, layer.get_submodule(name), kind).items():
                     state[f"{prefix}.{key}"] = tensor
-        # Everything else (embeddings, norms, untied lm_head, pre-norms) as stored, in `dtype`.
         tied = bool(config.tie_word_embeddings)
+        if lm_head == "int8":
+            state.update(_load_int8_tables(model, ckpt, tied, dtype))
+        # Everything else (float embeddings, norms, untied lm_head, pre-norms) as stored, in `dtype`.
         for key, meta in model.state_dict().items():
-            if key in state or (tied and key == "lm_head.weight"):
+            if key in state or (tied and key.startswith("lm_head.")):  # a tied lm_head is re-tied below
                 continue
             state[key] = ckpt.get(key, tuple(meta.shape), _FLOATS).to(dtype)
         unused = sorted(set(ckpt.where) - ckpt.used - ({"lm_head.weight"} if tied else set()))
@@ -291,7 +331,10 @@ def from_pretrained(
         model.load_state_dict(state, strict=False, assign=True)
 
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if lm_head == "int8":
+            model.lm_head = Int8Linear.tied_to(model.model.embed_tokens)
+        else:
+            model.lm_head.weight = model.model.embed_tokens.weight
     # Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them for real.
     model.model.rotary_emb = BitNetRotaryEmbedding(config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -310,8 +353,9 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
 
     ``config.json`` (the model's config plus a ``torch_bitnet`` format entry) and
     ``torch_bitnet.safetensors`` with every BitLinear's packed ``weight``, float32
-    ``weight_scale`` (and ``bias``), and the other tensors as they are; a tied ``lm_head`` is
-    not stored twice. ``tokenizer``: saved alongside if given. Returns the directory.
+    ``weight_scale`` (and ``bias``), the embedding / lm_head as they are in the model (int8
+    codes and row scales, recorded as ``"lm_head": "int8"``, or float), and the other tensors
+    as they are; a tied ``lm_head`` is not stored twice. ``tokenizer``: saved alongside if given. Returns the directory.
     """
     if getattr(model.config, "model_type", None) != "bitnet":
         raise ValueError("torch_bitnet.save_pretrained: expects a BitNetForCausalLM")
@@ -324,12 +368,17 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
                 )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    embedding = model.get_input_embeddings()
+    head = "int8" if isinstance(embedding, Int8Embedding) else "bf16"
+    if isinstance(model.get_output_embeddings(), Int8Linear) != (head == "int8"):
+        raise ValueError("torch_bitnet.save_pretrained: the embedding and the lm_head must both be int8 or both float")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+        state.pop("lm_head.weight_scale", None)
     save_file(state, str(path / PACKED_FILE), metadata={"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
     raw = model.config.to_dict()
-    raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "weights": PACKED_FILE}
+    raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "weights": PACKED_FILE, "lm_head": head}
     (path / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -340,13 +389,20 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
 
 
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.bfloat16, progress: bool | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    progress: bool | None = None,
+    lm_head: str = "bf16",
 ) -> Path:
     """Convert any checkpoint :func:`from_pretrained` reads (e.g. a ``-bf16`` master checkpoint,
     ternarized layer by layer with a progress bar) into torch_bitnet's packed layout at ``dst``,
-    copying the tokenizer files along."""
+    copying the tokenizer files along. ``lm_head="int8"`` stores the embedding / lm_head
+    quantized (loads faster, half the bytes; it can then only be loaded as int8); the default
+    ``"bf16"`` keeps the float table, from which either form can be loaded."""
     src_path = resolve_model_path(src)
-    model = from_pretrained(src_path, dtype=dtype, progress=progress)
+    model = from_pretrained(src_path, dtype=dtype, progress=progress, lm_head=lm_head)
     dst_path = save_pretrained(model, dst)
     for name in TOKENIZER_FILES:
         if (src_path / name).is_file():

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from .kv_cache import set_kv_cache_dtype
-from .nn import BitLinear
+from .nn import BitLinear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed
 
-__all__ = ["patch", "replace_linear", "convert_module"]
+__all__ = ["patch", "quantize_head", "replace_linear", "convert_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def convert_module(module: nn.Module, name: str = "") -> BitLinear | None:
     return None
 
 
-def patch(model: nn.Module, *, kv_cache_dtype: str | None = None) -> nn.Module:
+def patch(model: nn.Module, *, kv_cache_dtype: str | None = None, lm_head: str = "int8") -> nn.Module:
     """Replace every transformers BitNet layer of ``model`` with :class:`torch_bitnet.nn.BitLinear`.
 
     Handles all the ways transformers 5.x loads BitNet: ``AutoBitLinear`` offline (packed
@@ -78,6 +78,9 @@ def patch(model: nn.Module, *, kv_cache_dtype: str | None = None) -> nn.Module:
     online (float master weights, ternarized here) and ``BitLinear`` (packed uint8 buffers).
     Norms, embeddings and ``lm_head`` are left as they are. The model is modified in place and
     returned; each replaced layer's float or unpacked weight is freed.
+
+    ``lm_head="int8"`` (default) also quantizes the token embedding and the lm_head per row
+    (:func:`quantize_head`); ``"bf16"`` leaves them as they are (exact).
 
     The model's KV cache then stores keys and values in ``kv_cache_dtype`` (``int8``,
     the default unless ``BITNET_KV_CACHE_DTYPE`` says otherwise, on torch_bitnet's attention
@@ -100,7 +103,33 @@ def patch(model: nn.Module, *, kv_cache_dtype: str | None = None) -> nn.Module:
             "nn.Linear layers."
         )
     logger.info("torch_bitnet.patch: converted %d BitNet layers", converted)
+    quantize_head(model, lm_head)
     return set_kv_cache_dtype(model, kv_cache_dtype)
+
+
+def quantize_head(model: nn.Module, lm_head: str = "int8") -> nn.Module:
+    """Quantize a transformers model's token embedding and lm_head to int8 per row, in place.
+
+    The embedding becomes :class:`torch_bitnet.Int8Embedding` (same output dtype) and the
+    lm_head :class:`torch_bitnet.Int8Linear`; a tied lm_head is built over the embedding's
+    table, so the model keeps one int8 table (half the bytes of bf16). ``lm_head="bf16"``
+    leaves both unchanged. Layers already quantized are left as they are. Returns the model.
+    """
+    if lm_head not in ("int8", "bf16"):
+        raise ValueError(f"torch_bitnet: lm_head must be 'int8' or 'bf16', got {lm_head!r}")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if lm_head == "bf16" or isinstance(embedding, Int8Embedding):
+        return model
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"torch_bitnet: cannot quantize an input embedding of type {type(embedding).__name__}")
+    tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == embedding.weight.data_ptr()
+    table = Int8Embedding.from_float(embedding)
+    model.set_input_embeddings(table)
+    if tied:
+        model.set_output_embeddings(Int8Linear.tied_to(table))
+    elif isinstance(head, nn.Linear):
+        model.set_output_embeddings(Int8Linear.from_float(head))
+    return model
 
 
 def _default_filter(skip: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:

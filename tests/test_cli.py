@@ -55,7 +55,7 @@ def test_help_explains_every_option(capsys, argv):
     out = capsys.readouterr().out
     expected = ["generate", "chat"] if not argv else [
         "--model", "--threads", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-        "--no-compile", "--chunk-size", "--dtype", "--max-seq-len", "--kv-cache-dtype",
+        "--no-compile", "--chunk-size", "--dtype", "--max-seq-len", "--kv-cache-dtype", "--lm-head",
     ]
     per_command = {
         "generate": ["--prompt", "--stop", "--ignore-eos", "--chat"],
@@ -113,6 +113,16 @@ def test_kv_cache_dtype_option_and_environment(capsys, checkpoint, reference, mo
     assert code == 2 and "BITNET_KV_CACHE_DTYPE" in err and "Traceback" not in err
 
 
+def test_lm_head_option(capsys, checkpoint):
+    """--lm-head bf16 generates what the float-lm_head model generates."""
+    model = from_pretrained(checkpoint, dtype=torch.float32, lm_head="bf16")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    expected = generate(model, tokenizer, PROMPT, 8, compile=False, eos=False)
+    code, out, _ = run(capsys, ["generate", "--model", checkpoint, "--prompt", PROMPT, "--max-new-tokens", "8",
+                                "--ignore-eos", "--lm-head", "bf16", *FAST])
+    assert code == 0 and out == expected.text + "\n"
+
+
 def test_chat_keeps_history_and_resets(capsys, checkpoint, reference, monkeypatch):
     model, tokenizer = reference
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n\nTell me more.\n/reset\nTell me more.\n/exit\nunread\n"))
@@ -153,7 +163,7 @@ def test_no_model_and_bad_options_exit_2(capsys, checkpoint):
     code, _, err = run(capsys, ["generate", "--prompt", "x"])
     assert code == 2 and "--model" in err
     for bad in (["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "0"], ["--dtype", "float8"],
-                ["--kv-cache-dtype", "int4"]):
+                ["--kv-cache-dtype", "int4"], ["--lm-head", "fp8"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(["generate", "--model", checkpoint, "--prompt", "x", *bad])
         assert exc.value.code == 2

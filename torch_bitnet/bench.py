@@ -64,11 +64,14 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def prepare_checkpoint(workdir: Path, *, transformers_copy: bool = False) -> tuple[Path, Path | None]:
-    """Write (once) the random 2B-4T-shaped checkpoint and its torch_bitnet conversion.
+def prepare_checkpoint(
+    workdir: Path, *, lm_head: str = "int8", transformers_copy: bool = False
+) -> tuple[Path, Path | None]:
+    """Write (once) the random 2B-4T-shaped checkpoint and its torch_bitnet conversions.
 
-    Returns (our packed checkpoint, the same weights in transformers' ``bitlinear`` layout if
-    ``transformers_copy``, hard-linked, else None).
+    Returns (our packed checkpoint with its embedding / lm_head table stored in ``lm_head``
+    form, the same weights in transformers' ``bitlinear`` layout if ``transformers_copy``,
+    hard-linked, else None).
     """
     import torch
 
@@ -82,6 +85,12 @@ def prepare_checkpoint(workdir: Path, *, transformers_copy: bool = False) -> tup
             write_checkpoint(hf_dir, bitnet_config(), mode="offline", seed=0, progress=True)
         print(f"converting it to torch_bitnet's packed layout in {ours_dir} (once)", file=sys.stderr)
         convert_checkpoint(hf_dir, ours_dir, dtype=torch.bfloat16, progress=True)
+    if lm_head == "int8":  # stored quantized: loads without quantizing the 657 MB table
+        int8_dir = workdir / "2b4t-torch_bitnet-int8"
+        if not (int8_dir / "config.json").is_file():
+            print(f"storing its int8 embedding / lm_head in {int8_dir} (once)", file=sys.stderr)
+            convert_checkpoint(ours_dir, int8_dir, dtype=torch.bfloat16, progress=True, lm_head="int8")
+        ours_dir = int8_dir
     if not transformers_copy:
         return ours_dir, None
     bitlinear_dir = workdir / "2b4t-bitlinear"
@@ -157,6 +166,7 @@ def measure(
     prompt_len: int = 512,
     new_tokens: int = 128,
     kv_cache_dtype: str | None = None,
+    lm_head: str = "int8",
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> dict:
@@ -175,7 +185,7 @@ def measure(
     stages = tqdm(total=5, desc="bench", disable=not progress, file=sys.stderr)
     stages.set_postfix_str("loading")
     start = time.perf_counter()
-    model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, progress=False)
+    model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, progress=False)
     load_s, load_peak, load_rss = time.perf_counter() - start, _peak_rss_mb(), _rss_mb()
     stages.update()
     stages.set_postfix_str("compiling (cold)")
@@ -220,6 +230,7 @@ def measure(
     return {
         "threads": torch.get_num_threads(),
         "kv_cache_dtype": session.kv_cache_dtype,
+        "lm_head": lm_head,
         "load_s": load_s,
         "load_peak_rss_mb": load_peak,
         "rss_after_load_mb": load_rss,
@@ -273,7 +284,7 @@ def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache
     spec = {
         "which": which, "path": str(path), "threads": threads, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens if which == "ours" else args.transformers_new_tokens,
-        "kv_cache_dtype": args.kv_cache_dtype, "chunk_size": args.chunk_size,
+        "kv_cache_dtype": args.kv_cache_dtype, "lm_head": args.lm_head, "chunk_size": args.chunk_size,
     }
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
@@ -292,7 +303,7 @@ def _worker(spec_json: str) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["which"] == "ours":
         result = measure(Path(spec["path"]), prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"],
-                         kv_cache_dtype=spec["kv_cache_dtype"], chunk_size=spec["chunk_size"])
+                         kv_cache_dtype=spec["kv_cache_dtype"], lm_head=spec["lm_head"], chunk_size=spec["chunk_size"])
     else:
         result = measure_transformers(Path(spec["path"]), prompt_len=spec["prompt_len"],
                                       new_tokens=spec["new_tokens"])
@@ -357,6 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decoded tokens (default 128)")
     parser.add_argument("--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
                         help="KV cache storage (default: $BITNET_KV_CACHE_DTYPE or int8)")
+    parser.add_argument("--lm-head", choices=("int8", "bf16"), default="int8",
+                        help="embedding / lm_head table: int8 per row (default) or bf16 as stored (exact)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",
                         help="also run transformers' own BitNet path on the same weights (slow: few decode tokens)")
@@ -377,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"{args.model}: no config.json (not a checkpoint directory)")
         ours, theirs = args.model, (args.model if args.transformers else None)
     else:
-        ours, theirs = prepare_checkpoint(args.workdir, transformers_copy=args.transformers)
+        ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers)
     results: dict[str, list[dict]] = {"torch_bitnet": []}
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:
@@ -390,7 +403,7 @@ def run(args: argparse.Namespace) -> dict:
     header = (
         f"CPU: {cpu_model()} | torch {torch.__version__} | {datetime.date.today().isoformat()} | "
         f"model: {args.model or 'random weights, bitnet-b1.58-2B-4T shape'} | prompt {args.prompt_len}, "
-        f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']}"
+        f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']} | lm_head {first['lm_head']}"
     )
     print(header)
     print(format_table(results))

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "outgrows it. Every decode step attends over the whole cache, so larger is slower",
     )
     engine.add_argument(
+        "--lm-head", choices=("int8", "bf16"), default="int8",
+        help="the embedding / lm_head table: int8 per row (default; half the bytes, ~1%% logit error) or "
+        "bf16 as stored (exact)",
+    )
+    engine.add_argument(
         "--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
         help="how the KV cache stores keys and values: int8 (torch_bitnet's int8 attention, half the "
         "bytes of bf16) or a float cache attended by PyTorch's SDPA (default: $BITNET_KV_CACHE_DTYPE "
@@ -245,7 +250,7 @@ def _load(args):
     start = time.perf_counter()
     try:
         directory = resolve_model_path(path)
-        model = from_pretrained(directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+        model = from_pretrained(directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype, lm_head=args.lm_head)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as err:  # missing files (FileNotFoundError), not a BitNet checkpoint
         raise UsageError(f"cannot load model {path!r}: {err}") from None

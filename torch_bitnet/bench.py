@@ -52,6 +52,15 @@ def cpu_model() -> str:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB): VmHWM. Not ru_maxrss: Linux carries that
+    across exec, so a child would report its parent's peak (the parent may have just converted
+    the checkpoint)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -348,6 +348,7 @@ def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
     for ax, key, title in ((axes[0], "prefill_tok_s", "prompt tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
         for name, runs in results.items():
             ax.plot([r["threads"] for r in runs], [r[key] for r in runs], marker="o", label=name)
+        ax.set_xticks(sorted({r["threads"] for runs in results.values() for r in runs}))
         ax.set_xlabel("threads")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 from transformers import AutoTokenizer, BitNetForCausalLM, CompileConfig
 
-from torch_bitnet import checkpoints
+from torch_bitnet import checkpoints, kv_cache
 from torch_bitnet.generate import (
     _MIN_CACHE_LEN,
     _SESSIONS,
@@ -485,7 +485,8 @@ def test_decode_one_token_writes_one_position(model, tokenizer):
     session = DecodeSession(model, 16, compile=False)
     with torch.inference_mode():
         prefill(model, torch.tensor([[1, 2, 3]]), session.cache)
-        logits = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]), session.cache)
+        logits = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]), session.cache,
+                                  kv_cache.cache_argument(model))
         whole = prefill(model, torch.tensor([[1, 2, 3, 4]]), DecodeSession(model, 16, compile=False).cache)
     assert session.seq_length == 4
     assert logits.shape == (1, model.config.vocab_size) and logits.dtype == torch.float32

@@ -32,6 +32,7 @@ from torch_bitnet.kv_cache import (
     Int8KV,
     Int8StaticLayer,
     attention,
+    cache_argument,
     convert_cache,
     default_kv_cache_dtype,
     get_kv_cache_dtype,
@@ -307,8 +308,9 @@ def test_greedy_int8_vs_fp32_cache(seed, dtype):
     ids = prompt_ids(12)
     runs = {}
     for kv in ("fp32", "int8"):
-        out = hf_generate(model, ids, 40, past_key_values=new_dynamic_cache(model, kv), output_logits=True,
-                          return_dict_in_generate=True)
+        cache = {cache_argument(model): new_dynamic_cache(model, kv)}
+        out = hf_generate(model, ids, 40, **cache, output_logits=True, return_dict_in_generate=True)
+        assert cache[cache_argument(model)].get_seq_length() >= 12  # generate used the cache it was given
         runs[kv] = out.sequences[0, 12:].tolist(), torch.cat(out.logits).float()
     (tokens, ref), (tokens8, logits8) = runs["fp32"], runs["int8"]
     n = next((i for i in range(40) if tokens[i] != tokens8[i]), 40)

@@ -263,6 +263,8 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from .kv_cache import cache_argument
+
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - start
@@ -271,12 +273,13 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
         model(ids[:, :8], use_cache=False)  # transformers' own @torch.compile'd helpers compile here
         cache = DynamicCache(config=model.config)
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        arg = cache_argument(model)
+        out = model(ids, **{arg: cache}, use_cache=True, logits_to_keep=1)
         ttft = time.perf_counter() - start
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = model(token, **{arg: cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - start
     return {
         "threads": torch.get_num_threads(),

@@ -117,17 +117,21 @@ class GenerationResult:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_one_token(model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor, cache) -> torch.Tensor:
+def decode_one_token(
+    model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor, cache, cache_arg: str = "past_key_values"
+) -> torch.Tensor:
     """One forward pass of one token; the function that gets compiled.
 
     Args:
-        model: a causal LM taking ``past_key_values`` (transformers ``BitNetForCausalLM``).
+        model: a causal LM taking a cache object (transformers ``BitNetForCausalLM``).
         token: int64 (1, 1), the token at ``cache_position``.
         cache_position: int64 (1,), its position. A tensor, not an int, so that the compiled
             graph does not specialise on it; it must equal ``cache.get_seq_length()``
             (the ``StaticCache`` keeps its own count, as a tensor, to place the keys and values).
         cache: the ``StaticCache`` holding positions ``0 .. cache_position - 1``; this call
             writes the token's keys and values at ``cache_position`` and advances the cache.
+        cache_arg: the name of the model's cache argument
+            (:func:`torch_bitnet.kv_cache.cache_argument`, looked up outside the compiled step).
 
     Returns:
         float32 (1, vocab) logits of the next token.
@@ -135,7 +139,7 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, cache_position: torc
     out = model(
         input_ids=token,
         position_ids=cache_position.view(1, 1),
-        past_key_values=cache,
+        **{cache_arg: cache},
         use_cache=True,
         logits_to_keep=1,
     )
@@ -178,7 +182,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk_size: int | 
             out = model(
                 input_ids=chunk,
                 position_ids=positions.unsqueeze(0),  # (1, C)
-                past_key_values=cache,
+                **{kv_cache.cache_argument(model): cache},
                 use_cache=True,
                 logits_to_keep=keep,  # (1,) on the last chunk, (0,) before it
             )
@@ -286,7 +290,7 @@ class DecodeSession:
         """:func:`decode_one_token` on this session's cache: token (1, 1) at cache_position (1,)
         -> float32 (1, vocab) logits; the cache advances by one position."""
         with torch.inference_mode(), _static_attention(model):
-            return self._step(model, token, cache_position, self.cache)
+            return self._step(model, token, cache_position, self.cache, kv_cache.cache_argument(model))
 
     @property
     def seq_length(self) -> int:

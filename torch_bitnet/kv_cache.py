@@ -47,6 +47,7 @@ __all__ = [
     "Int8KV",
     "Int8StaticLayer",
     "attention",
+    "cache_argument",
     "convert_cache",
     "default_kv_cache_dtype",
     "get_kv_cache_dtype",
@@ -436,14 +437,23 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which the model's forward takes its cache object: ``cache`` from
+    transformers 5.24 on, ``past_key_values`` before (still accepted there, deprecated)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _convert_cache_hook(module: nn.Module, args, kwargs):
     """Forward pre-hook: the empty transformers cache the model is called with gets the
     model's kind of layers (model.generate's DynamicCache / StaticCache, or the caller's)."""
     if torch.compiler.is_compiling():  # a compiled step runs on a cache converted eagerly before
         return None
-    cache = kwargs.get("past_key_values")
-    if isinstance(cache, Cache):
-        convert_cache(cache, getattr(module, _ATTR))
+    for name in ("cache", "past_key_values"):  # transformers >= 5.24 / before
+        cache = kwargs.get(name)
+        if isinstance(cache, Cache):
+            convert_cache(cache, getattr(module, _ATTR))
     return None
 
 

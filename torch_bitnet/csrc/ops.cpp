@@ -22,12 +22,16 @@ constexpr int64_t kMaxInFeatures = int64_t(1) << 17;  // |acc| <= 128 K <= 2^24:
 // Output rows handed to a thread at a time: a multiple of every kernel's NR.
 constexpr int64_t kRowTile = 16;
 // int8_attention: rows (query heads x queries of one kv head) per task, a multiple of
-// kAttentionGroup; at least this many tasks per thread, splitting positions if needed, but
-// into parts of at least kAttentionMinPart positions (the merge and the per-part setup cost
-// about as much as a few dozen positions).
+// kAttentionGroup; at least this many tasks per thread (small tasks even out threads that
+// another process delays), splitting positions if needed, but into parts of at least
+// kAttentionMinPart positions (the merge and the per-part setup cost about as much as a few
+// dozen positions).
 constexpr int64_t kAttentionRowsPerTask = 32;
-constexpr int64_t kAttentionTasksPerThread = 4;
+constexpr int64_t kAttentionTasksPerThread = 8;
 constexpr int64_t kAttentionMinPart = 256;
+// Below this much work (rows x positions x head_dim over all units: ~10 us) one thread does
+// everything: waking the pool would cost as much, and more when other processes hold cores.
+constexpr int64_t kAttentionMinParallelWork = int64_t(1) << 18;
 
 int64_t pad_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
 
@@ -371,8 +375,10 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
   const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3), len = k_cache.size(2);
   const auto pos = check_positions(positions, n, len);
   const auto kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
-  // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each.
-  at::parallel_for(0, b * h, 1, [&](int64_t r0, int64_t r1) {
+  // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each. A decode step's few
+  // vectors (2B-4T: 5 x 128 floats each for keys and values) are quantized by one thread.
+  const int64_t heads_per_thread = std::max<int64_t>(1, kAttentionMinParallelWork / std::max<int64_t>(1, n * d));
+  at::parallel_for(0, b * h, heads_per_thread, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t src = (r * n + i) * d, dst = r * len + pos[size_t(i)];
@@ -435,8 +441,9 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   // Decode has few units (2B-4T: 5 kv heads for 2 threads): then each unit's positions are also
   // split (flash-decoding), each part kept as its own softmax state and merged at the end.
   const int64_t threads = at::get_num_threads();
+  const bool parallel = threads > 1 && units * rows * reach * d >= kAttentionMinParallelWork;
   int64_t parts = 1;
-  if (units * row_tasks < kAttentionTasksPerThread * threads) {
+  if (parallel && units * row_tasks < kAttentionTasksPerThread * threads) {
     parts = (kAttentionTasksPerThread * threads + units * row_tasks - 1) / (units * row_tasks);
     parts = std::min({parts, std::max<int64_t>(1, reach / kAttentionMinPart), kMaxAttentionParts});
   }
@@ -467,7 +474,7 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   // thread takes the next task from a shared counter until none is left.
   const int64_t tasks = units * row_tasks * parts;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, tasks, parallel ? 1 : tasks, [&](int64_t, int64_t) {
     for (int64_t t = next++; t < tasks; t = next++) {
       const int64_t u = t / (row_tasks * parts), rt = t / parts % row_tasks, s = t % parts;
       const int64_t r0 = rt * kAttentionRowsPerTask, r1 = std::min(rows, r0 + kAttentionRowsPerTask);

@@ -4,8 +4,9 @@
 // The same algorithm as attention_avx512.cpp (read its header): rows in groups of up to 4,
 // blocks of kAttentionBlock positions, each key and value vector converted to float once per
 // group, online softmax with the rescaling folded into the value accumulators' loads, scores
-// and weights key-major (S[key * 4 + row]; one 256-bit vector = 2 keys x 4 rows). With 16
-// vector registers the value accumulators cover 16 dims x 4 rows at a time.
+// and weights key-major (S[key * 4 + row]; one 256-bit vector = 2 keys x 4 rows). Scores are
+// made one key at a time: its 4 dot products summed horizontally together (hsum4), then scaled
+// and masked. With 16 vector registers the value accumulators cover 16 dims x 4 rows at a time.
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>

@@ -1,7 +1,7 @@
 """Which SIMD code path the kernels run.
 
 At import the fastest path the CPU supports is chosen (``avx512`` needs AVX-512
-F/BW/VL/VNNI, ``avx2`` needs AVX2; ``scalar`` is portable C++ and always present).
+F/BW/VL/VNNI, ``avx2`` needs AVX2 and FMA; ``scalar`` is portable C++ and always present).
 The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512`` forces one path at
 import; :func:`set_isa` / :func:`use_isa` switch at run time (tests use them to run every
 path on one machine). Asking for a path the CPU lacks raises ``RuntimeError``.

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_bitnet
-from bench_bitlinear import cpu_model  # the sibling script (this directory is on sys.path)
+from torch_bitnet.bench import cpu_model
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 20, 5, 128
 

@@ -52,7 +52,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 from transformers.integrations.bitnet import BitLinear
 
 import torch_bitnet as tb
+from torch_bitnet.bench import cpu_model
 from torch_bitnet.packing import packed_shape
 
 # BitLinear shapes of microsoft/bitnet-b1.58-2B-4T (in_features x out_features).
@@ -145,16 +145,6 @@ def parse_args() -> argparse.Namespace:
         p.error("--threads, --repeats and every M must be >= 1")
     args.dtype = DTYPES[args.dtype]
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def l3_bytes() -> int:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_bitnet as tb
-from bench_bitlinear import cpu_model  # the sibling script (this directory is on sys.path)
+from torch_bitnet.bench import cpu_model
 
 VOCAB, HIDDEN = 128256, 2560
 TARGET_STREAM_FRACTION = 0.80

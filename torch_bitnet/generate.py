@@ -206,11 +206,6 @@ def _static_attention(model: nn.Module):
         config._attn_implementation = previous
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the activations (and so of the keys and values): that of the embedding."""
-    return model.get_input_embeddings().weight.dtype
-
-
 def _model_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -231,15 +226,8 @@ def _new_static_cache(model: nn.Module, max_seq_len: int, kv_cache_dtype: str | 
         )
     from transformers import StaticCache
 
-    config = model.config.get_text_config(decoder=True)
-    cache = StaticCache(config=config, max_cache_len=max_seq_len)
-    cache.early_initialization(
-        batch_size=1,
-        num_heads=config.num_key_value_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        dtype=_model_dtype(model),
-        device=_model_device(model),
-    )
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_seq_len)
+    kv_cache.allocate_now(cache, model)
     return cache
 
 
@@ -271,7 +259,7 @@ class DecodeSession:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.compiled = compile
-        self.dtype = _model_dtype(model)
+        self.dtype = kv_cache.activation_dtype(model)
         # None: transformers' StaticCache in the model's dtype (models torch_bitnet cannot attend for)
         self.kv_cache_dtype = _resolve_kv_cache_dtype(model, kv_cache_dtype)
         with torch.inference_mode():
@@ -333,7 +321,7 @@ def _session_for(
     fits = (
         session is not None
         and session.compiled == compile
-        and session.dtype == _model_dtype(model)
+        and session.dtype == kv_cache.activation_dtype(model)
         and session.kv_cache_dtype == _resolve_kv_cache_dtype(model, kv_cache_dtype)
         and (session.max_seq_len == max_seq_len if max_seq_len is not None else session.max_seq_len >= needed)
     )

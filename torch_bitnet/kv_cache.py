@@ -256,6 +256,34 @@ def _num_layers(config) -> int:
     return config.get_text_config(decoder=True).num_hidden_layers
 
 
+def _config_and_kind(model_or_config, kv_cache_dtype: str | None):
+    """(config, checked kv_cache_dtype): an explicit kind, else the model's setting, else the default."""
+    is_model = isinstance(model_or_config, nn.Module)
+    if kv_cache_dtype is None:
+        kv_cache_dtype = (get_kv_cache_dtype(model_or_config) if is_model else None) or default_kv_cache_dtype()
+    return (model_or_config.config if is_model else model_or_config), check_kv_cache_dtype(kv_cache_dtype)
+
+
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's activations (and so of its keys and values): what its input
+    embedding returns (an int8 table's ``output_dtype``, else the table's dtype)."""
+    embedding = model.get_input_embeddings()
+    return getattr(embedding, "output_dtype", None) or embedding.weight.dtype
+
+
+def allocate_now(cache: Cache, model: nn.Module, batch_size: int = 1) -> None:
+    """Allocate every layer of ``cache`` for ``model`` now (``early_initialization``) rather
+    than in the first forward, so the buffers have their final addresses before compiling."""
+    text = model.config.get_text_config(decoder=True)
+    cache.early_initialization(
+        batch_size=batch_size,
+        num_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        dtype=activation_dtype(model),
+        device=model.get_input_embeddings().weight.device,
+    )
+
+
 def new_static_cache(
     model_or_config,
     max_cache_len: int,
@@ -274,35 +302,19 @@ def new_static_cache(
         early: allocate every layer now (needs a model: its dtype and device), so the buffers
             have their final addresses before anything is compiled.
     """
-    is_model = isinstance(model_or_config, nn.Module)
-    config = model_or_config.config if is_model else model_or_config
-    if kv_cache_dtype is None:
-        kv_cache_dtype = (get_kv_cache_dtype(model_or_config) if is_model else None) or default_kv_cache_dtype()
-    check_kv_cache_dtype(kv_cache_dtype)
+    config, kv_cache_dtype = _config_and_kind(model_or_config, kv_cache_dtype)
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
     cache.layers = [_static_layer(kv_cache_dtype, max_cache_len) for _ in cache.layers]
     if early:
-        if not is_model:
+        if not isinstance(model_or_config, nn.Module):
             raise ValueError("new_static_cache(early=True) needs the model (its dtype and device), not a config")
-        text = config.get_text_config(decoder=True)
-        embedding = model_or_config.get_input_embeddings().weight
-        cache.early_initialization(
-            batch_size=batch_size,
-            num_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            dtype=embedding.dtype,
-            device=embedding.device,
-        )
+        allocate_now(cache, model_or_config, batch_size)
     return cache
 
 
 def new_dynamic_cache(model_or_config, kv_cache_dtype: str | None = None) -> DynamicCache:
     """A transformers ``DynamicCache`` with torch_bitnet layers (growing as tokens arrive)."""
-    is_model = isinstance(model_or_config, nn.Module)
-    config = model_or_config.config if is_model else model_or_config
-    if kv_cache_dtype is None:
-        kv_cache_dtype = (get_kv_cache_dtype(model_or_config) if is_model else None) or default_kv_cache_dtype()
-    check_kv_cache_dtype(kv_cache_dtype)
+    config, kv_cache_dtype = _config_and_kind(model_or_config, kv_cache_dtype)
     cache = DynamicCache(config=config)
     cache.layers = [_dynamic_layer(kv_cache_dtype) for _ in range(_num_layers(config))]
     return cache
@@ -440,9 +452,14 @@ def unsupported_reason(model: nn.Module) -> str | None:
 def cache_argument(model: nn.Module) -> str:
     """The name under which the model's forward takes its cache object: ``cache`` from
     transformers 5.24 on, ``past_key_values`` before (still accepted there, deprecated)."""
+    return _cache_argument_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class: type) -> str:  # once per class: generate asks at every step
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _convert_cache_hook(module: nn.Module, args, kwargs):

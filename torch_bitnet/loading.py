@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .int8 import int8_shape, quantize_int8_rows
 from .nn import BitLinear, Int8Embedding, Int8Linear
@@ -230,6 +231,7 @@ def from_pretrained(
     progress: bool | None = None,
     kv_cache_dtype: str | None = None,
     lm_head: str = "int8",
+    fuse: bool = True,
 ) -> torch.nn.Module:
     """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
 
@@ -249,6 +251,9 @@ def from_pretrained(
             never resident (it is quantized from the memory-mapped file a few thousand rows at
             a time, or read as stored from a checkpoint saved with an int8 table).
             ``"bf16"``: the table as stored, unquantized, in ``dtype`` (exact).
+        fuse: run each decoder layer as four fused ops (norms, activation quantization and
+            the relu2 gating inside them; :func:`torch_bitnet.fuse_layers`). ``False`` keeps
+            transformers' own layer forward over the same modules.
 
     Returns:
         The model in eval mode, without gradients, equal to
@@ -345,6 +350,8 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
+    if fuse:
+        fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
 
 

@@ -161,21 +161,27 @@ def test_norm_of_non_finite_rows(isa, dtype):
     assert torch.isnan(out[1:]).all()
 
 
-def test_one_thread_equals_two():
-    k, n = 2560, 640
-    x = torch.randn(37, k).to(torch.bfloat16)
-    packed, scales = _weights([n, n, 96], k, 5)
+@pytest.mark.parametrize("m", [1, 37])
+def test_threads_split_across_weights(isa, m):
+    """The weights' row tiles share one parallel range: a thread's part may end inside one
+    weight and start inside the next (sizes not multiples of the 16-row tile), and the
+    results must not depend on the thread count."""
+    k, ns = 2560, [600, 77, 130]
+    x = torch.randn(m, k).to(torch.bfloat16)
+    packed, scales = _weights(ns, k, 5)
     weight = _norm_weight(k, torch.bfloat16, 5)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = torch_bitnet.bitlinear_shared(x, packed, scales, k, [n, n, 96], weight)
-        torch.set_num_threads(2)
-        two = torch_bitnet.bitlinear_shared(x, packed, scales, k, [n, n, 96], weight)
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(torch_bitnet.bitlinear_shared(x, packed, scales, k, ns, weight))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(one, two):
-        assert_bitwise_equal(a, b)
+    expected = reference.bitlinear_shared(x, packed, scales, k, ns, weight)
+    for outs in runs:
+        for a, b in zip(outs, expected):
+            assert_bitwise_equal(a, b)
 
 
 # --------------------------------------------------------------------------------------

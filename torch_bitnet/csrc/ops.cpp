@@ -109,10 +109,20 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0 * row_tile, std::min(n, t1 * row_tile)); });
 }
 
-// Run p over all N output rows.
-void gemm_parallel(const GemmProblem& p, int64_t n) {
+// Run each problem ps[i] over its ns[i] output rows, all in one parallel region: the row
+// tiles of every problem (same M and Kp) form one range split over the threads, so a layer's
+// q/k/v or gate/up products cost one fork/join, and a thread's range may span two weights.
+void gemm_parallel(const std::vector<GemmProblem>& ps, const std::vector<int64_t>& ns) {
   const Kernels& kern = kernels();
-  parallel_rows(n, p.m * p.k_pad, kRowTile, [&](int64_t n0, int64_t n1) { kern.gemm(p, n0, n1); });
+  std::vector<int64_t> first(ps.size() + 1, 0);  // index of each problem's first tile
+  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ns[i] + kRowTile - 1) / kRowTile;
+  parallel_rows(first.back() * kRowTile, ps[0].m * ps[0].k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
+    const int64_t t0 = r0 / kRowTile, t1 = (r1 + kRowTile - 1) / kRowTile;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+      if (a < b) kern.gemm(ps[i], (a - first[i]) * kRowTile, std::min(ns[i], (b - first[i]) * kRowTile));
+    }
+  });
 }
 
 // bias (optional, (out_features,), any float dtype) as a contiguous float32 tensor, or undefined.
@@ -165,7 +175,7 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   p.k_pad = k_pad;
   p.ep.acc = out.data_ptr<int32_t>();
   p.ep.ld = out_features;
-  gemm_parallel(p, out_features);
+  gemm_parallel({p}, {out_features});
   return out;
 }
 
@@ -219,28 +229,34 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, const at
   return q;
 }
 
-// out (M, out_features) of out's dtype = the ternary product of the quantized input with one
-// packed weight, times scale / a_m, plus bias (float32 or undefined).
-void ternary_into(const QuantizedInput& q, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& bias,
-                  at::Tensor& out, int64_t out_features) {
-  std::vector<float> factor(size_t(q.m));
-  const float s = scale.item<float>();
-  for (int64_t i = 0; i < q.m; ++i) factor[i] = s / q.a[i];
-  GemmProblem p;
-  p.xq = q.xq;
-  p.ldq = q.k_pad;
-  p.xsum = q.xsum;
-  const auto w = packed.contiguous();
-  p.w = w.data_ptr<uint8_t>();
-  p.ldw = q.k_pad / 4;
-  p.m = q.m;
-  p.k_pad = q.k_pad;
-  p.ep.out = out.data_ptr();
-  p.ep.out_dtype = dtype_of(out, "output");
-  p.ep.row_factor = factor.data();
-  p.ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  p.ep.ld = out_features;
-  gemm_parallel(p, out_features);
+// outs[i] (M, out_features[i]) of its dtype = the ternary product of the quantized input
+// with packed[i], times scales[i] / a_m, plus bias (float32 or undefined; first weight only):
+// every product in one parallel region.
+void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList scales, const at::Tensor& bias,
+                  std::vector<at::Tensor>& outs, at::IntArrayRef out_features) {
+  const size_t n = packed.size();
+  std::vector<float> factors(n * size_t(q.m));  // (n, M): scale_i / a_m
+  std::vector<at::Tensor> weights(n);
+  std::vector<GemmProblem> ps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float s = scales[i].item<float>();
+    for (int64_t m = 0; m < q.m; ++m) factors[i * q.m + m] = s / q.a[m];
+    weights[i] = packed[i].contiguous();
+    GemmProblem& p = ps[i];
+    p.xq = q.xq;
+    p.ldq = q.k_pad;
+    p.xsum = q.xsum;
+    p.w = weights[i].data_ptr<uint8_t>();
+    p.ldw = q.k_pad / 4;
+    p.m = q.m;
+    p.k_pad = q.k_pad;
+    p.ep.out = outs[i].data_ptr();
+    p.ep.out_dtype = dtype_of(outs[i], "output");
+    p.ep.row_factor = factors.data() + i * q.m;
+    p.ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.ep.ld = out_features[i];
+  }
+  gemm_parallel(ps, std::vector<int64_t>(out_features.begin(), out_features.end()));
 }
 
 at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -256,7 +272,8 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
   const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
-  ternary_into(q, packed, scale, bias_f, out, out_features);
+  std::vector<at::Tensor> outs{out};
+  ternary_into(q, packed, scale, bias_f, outs, out_features);
   return out;
 }
 
@@ -280,7 +297,7 @@ std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList
   for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
   if (x.numel() == 0) return outs;
   const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
-  for (int64_t i = 0; i < n; ++i) ternary_into(q, packed[i], scales[i], at::Tensor(), outs[i], out_features[i]);
+  ternary_into(q, packed, scales, at::Tensor(), outs, out_features);
   return outs;
 }
 
@@ -300,9 +317,9 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
   const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
-  auto u = at::empty_like(out);
-  ternary_into(q, gate, gate_scale, at::Tensor(), out, out_features);
-  ternary_into(q, up, up_scale, at::Tensor(), u, out_features);
+  std::vector<at::Tensor> gu{out, at::empty_like(out)};  // gate (gated in place), up
+  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, {out_features, out_features});
+  const at::Tensor& u = gu[1];
   const int64_t elem = out.element_size();
   char* g = static_cast<char*>(out.data_ptr());
   const char* up_p = static_cast<const char*>(u.data_ptr());

@@ -150,6 +150,21 @@ def test_relu2_glu_is_transformers_gating(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_relu2_glu_overflow_and_nan(isa, dtype):
+    """Gates whose square overflows to inf (times an up value of 0: NaN), NaN rows, and
+    M * N not a multiple of the SIMD width (the kernels' scalar tails): as the reference."""
+    k, n = 300, 37
+    x = make_x((7,), k, dtype, ["normal", "nan", "normal", "zero", "maxed"], 3)
+    (gate, up), _ = _weights([n, n], k, 3, "random")
+    big = torch.tensor([torch.finfo(dtype).max / 4])  # g^2 overflows, g itself stays finite
+    for gs, us in [(big, torch.tensor([0.5])), (torch.tensor([0.3]), torch.tensor([0.0])), (big, big)]:
+        actual = torch_bitnet.bitlinear_relu2_glu(x, gate, gs, up, us, k, n)
+        assert_bitwise_equal(actual, reference.bitlinear_relu2_glu(x, gate, gs, up, us, k, n))
+        if gs is big:  # the overflow really happened (beyond the NaN row)
+            assert (~torch.isfinite(actual[[0, 2, 4, 5, 6]])).any()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_norm_of_non_finite_rows(isa, dtype):
     """A row with NaN or Inf normalises to NaN and gives a NaN output row, as the unfused ops do."""
     k, n = 300, 7

@@ -205,6 +205,8 @@ struct Kernels {
                             float* l, float* acc);
   // int8 per-row weights: results for output rows [n0, n1) and all M tokens of p.
   void (*int8_gemm)(const Int8Problem& p, int64_t n0, int64_t n1);
+  // Squared-ReLU gating of n elements in place (see relu2_gate_scalar below).
+  void (*relu2_gate)(void* g, const void* u, DType dt, int64_t n);
 };
 
 extern const Kernels kScalarKernels;
@@ -242,9 +244,15 @@ void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, in
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum,
                    const RowNorm* norm = nullptr);
 
-// The squared-ReLU gate of BitNet's MLP over n elements of dtype dt, in place:
-// g = round_dt(round_dt(relu(g)^2) * u), the roundings of transformers' relu2(gate) * up.
-void relu2_gate(void* g, const void* u, DType dt, int64_t n);
+// The squared-ReLU gate of BitNet's MLP over n elements of dtype dt, in place (the Kernels
+// table's relu2_gate): g = round_dt(round_dt(relu(g)^2) * u), the roundings of transformers'
+// relu2(gate) * up. The SIMD versions (gate_avx2.cpp, gate_avx512.cpp) finish their tails with
+// the portable one.
+void relu2_gate_scalar(void* g, const void* u, DType dt, int64_t n);
+#if defined(__x86_64__) || defined(_M_X64)
+void relu2_gate_avx2(void* g, const void* u, DType dt, int64_t n);
+void relu2_gate_avx512(void* g, const void* u, DType dt, int64_t n);
+#endif
 
 // ---- int8 per-row weights (int8_scalar.cpp, int8_avx2.cpp, int8_avx512.cpp) ----
 

@@ -66,7 +66,7 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 }  // namespace
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
-                                int8_gemm_scalar};
+                                int8_gemm_scalar, relu2_gate_scalar};
 
 namespace {
 
@@ -134,7 +134,7 @@ void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, in
   }
 }
 
-void relu2_gate(void* g, const void* u, DType dt, int64_t n) {
+void relu2_gate_scalar(void* g, const void* u, DType dt, int64_t n) {
   switch (dt) {
     case DType::BF16: {
       uint16_t* gp = static_cast<uint16_t*>(g);

@@ -324,7 +324,7 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   char* g = static_cast<char*>(out.data_ptr());
   const char* up_p = static_cast<const char*>(u.data_ptr());
   at::parallel_for(0, out.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
-    relu2_gate(g + i0 * elem, up_p + i0 * elem, dt, i1 - i0);
+    kernels().relu2_gate(g + i0 * elem, up_p + i0 * elem, dt, i1 - i0);
   });
   return out;
 }

@@ -70,6 +70,19 @@ inline uint16_t float_to_f16(float f) {
   return sign | uint16_t(x >> 13);
 }
 
+// n values of dtype dt -> float.
+inline void to_float(const void* src, DType dt, int64_t n, float* dst) {
+  if (dt == DType::F32) {
+    std::memcpy(dst, src, size_t(n) * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(src);
+  if (dt == DType::BF16)
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(h[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(h[i]);
+}
+
 // ---- GEMM problem description shared by all ISAs ----
 
 // Where the results of one (token m, output n) go. Either raw int32 accumulators

@@ -118,15 +118,7 @@ void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, in
     if (direct) {
       src = static_cast<const float*>(x) + m * ldx;
     } else {
-      if (dt == DType::F32) {
-        std::memcpy(row.data(), static_cast<const float*>(x) + m * ldx, size_t(k) * sizeof(float));
-      } else {
-        const uint16_t* h = static_cast<const uint16_t*>(x) + m * ldx;
-        if (dt == DType::BF16)
-          for (int64_t i = 0; i < k; ++i) row[i] = bf16_to_float(h[i]);
-        else
-          for (int64_t i = 0; i < k; ++i) row[i] = f16_to_float(h[i]);
-      }
+      to_float(static_cast<const char*>(x) + m * ldx * (dt == DType::F32 ? 4 : 2), dt, k, row.data());
       if (norm) rms_norm_row(row.data(), k, dt, *norm);
       src = row.data();
     }

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "cpu_features.h"
 #include "kernels.h"
@@ -493,18 +494,25 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "bitnet: new keys ", k.sizes(), " and values ", v.sizes(), " differ");
   const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3), len = k_cache.size(2);
   const auto pos = check_positions(positions, n, len);
-  const auto kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
+  // Converted to float a row at a time inside the loop: a whole-tensor .to(float) would be two
+  // more dispatcher calls and copies per layer and decode step.
+  const auto kc = k.contiguous(), vc = v.contiguous();
+  const DType kdt = dtype_of(kc, "new keys"), vdt = dtype_of(vc, "new values");
+  const char* kp = static_cast<const char*>(kc.data_ptr());
+  const char* vp = static_cast<const char*>(vc.data_ptr());
+  const int64_t k_elem = kc.element_size(), v_elem = vc.element_size();
   // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each. A decode step's few
-  // vectors (2B-4T: 5 x 128 floats each for keys and values) are quantized by one thread.
+  // vectors (2B-4T: 5 x 128 values each for keys and values) are quantized by one thread.
   const int64_t heads_per_thread = std::max<int64_t>(1, kAttentionMinParallelWork / std::max<int64_t>(1, n * d));
   at::parallel_for(0, b * h, heads_per_thread, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(d));
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t src = (r * n + i) * d, dst = r * len + pos[size_t(i)];
-        kv_quantize_row(kf.data_ptr<float>() + src, d, k_cache.data_ptr<int8_t>() + dst * d,
-                        k_scale.data_ptr<float>() + dst);
-        kv_quantize_row(vf.data_ptr<float>() + src, d, v_cache.data_ptr<int8_t>() + dst * d,
-                        v_scale.data_ptr<float>() + dst);
+        to_float(kp + src * k_elem, kdt, d, row.data());
+        kv_quantize_row(row.data(), d, k_cache.data_ptr<int8_t>() + dst * d, k_scale.data_ptr<float>() + dst);
+        to_float(vp + src * v_elem, vdt, d, row.data());
+        kv_quantize_row(row.data(), d, v_cache.data_ptr<int8_t>() + dst * d, v_scale.data_ptr<float>() + dst);
       }
   });
 }

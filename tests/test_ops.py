@@ -334,10 +334,20 @@ def test_ternary_mm_matches_reference(isa, lead, k, n, xkinds, wmode, seed):
     assert torch.equal(out, reference.ternary_mm(xq, packed, k, n))
 
 
-# Tile edges of the kernels (avx512: 4 x 4 tiles and a separate M = 1 kernel; avx2: 2 x 4)
-# and token chunks (256 KiB of activations: 100 rows at Kp = 2560, 36 at Kp = 6912 on avx512).
+# Tile edges of the kernels (avx512: 4 x 4 tiles below M = 128, a separate M = 1 kernel; avx2: 2 x 4
+# tiles below M = 4, then 4-token x 16-row tiles of unpacked weights) and token chunks of the small
+# tiles (256 KiB of activations: 100 rows at Kp = 2560, 36 at Kp = 6912 on avx512).
 TILE_CASES = [(m, n, k) for m in (1, 2, 3, 4, 5) for n in (1, 2, 3, 4, 5, 7, 8, 9, 17) for k in (1, 256, 257)]
 CHUNK_CASES = [(257, 19, 2560), (103, 6, 2560), (40, 9, 6912), (73, 5, 6912), (9, 33, 300)]
+# avx512 from M = 128 (127 still takes the 4 x 4 tiles): 64-row panels of 16-row vectors, 6-token
+# tiles; every token-tile remainder, partial vectors and panels, one to three blocks (and avx2's
+# 16-row panels of 8-row vectors, 4-token tiles).
+PANEL_CASES = [
+    (m, n, k)
+    for m in (127, 128, 129, 130, 131, 133)
+    for n in (1, 16, 17, 48, 63, 64, 65, 130)
+    for k in (1, 256, 257, 769)
+]
 
 
 @pytest.mark.parametrize("m,n,k", CHUNK_CASES)
@@ -357,6 +367,15 @@ def test_ternary_mm_tile_edges(isa):
         assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
 
 
+def test_ternary_mm_panel_edges(isa):
+    g = torch.Generator().manual_seed(8)
+    for m, n, k in PANEL_CASES:
+        packed = pack_ternary(random_ternary(n, k, g))
+        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        out = torch_bitnet.ternary_mm(xq, packed, k, n)
+        assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
+
+
 def test_ternary_mm_largest_accumulator(isa):
     """K = MAX_IN_FEATURES with -128 / 127 activations: |acc| reaches 2**24, the documented bound."""
     k = MAX_IN_FEATURES
@@ -365,9 +384,9 @@ def test_ternary_mm_largest_accumulator(isa):
     w[2] = 0
     w[3, ::2] = -1
     packed = pack_ternary(w)
-    xq = torch.full((3, k), -128, dtype=torch.int8)
+    xq = torch.full((128, k), -128, dtype=torch.int8)
     xq[1] = 127
-    for m in (1, 3):  # M = 1 takes the avx512 GEMV kernel, M = 3 the tiled one
+    for m in (1, 3, 128):  # on avx512: the GEMV kernel, the 4 x 4 tiles, the unpacked panels
         out = torch_bitnet.ternary_mm(xq[:m], packed, k, 5)
         assert out[0, 0].item() == -(2**24)  # -128 * 2^17
         assert out[0, 1].item() == 2**24
@@ -397,7 +416,7 @@ def test_bitlinear_sweep(isa):
             packed = pack_ternary(random_ternary(n, k, g))
             bias = torch.randn(n, generator=g)
             scale = torch.tensor([0.037])
-            for m in (1, 2, 5, 64):
+            for m in (1, 2, 5, 64, 128):
                 for dtype in FLOAT_DTYPES:
                     x = make_x((m,), k, dtype, ["normal", "ties", "mixed", "zero", "nan"], seed=m + k)
                     for b in (None, bias.to(dtype)):
@@ -456,8 +475,11 @@ def _rounding_probe_values() -> torch.Tensor:
     return torch.cat(pool)
 
 
+# M = 1: avx512's GEMV epilogue; M = 5: the vector epilogues of avx512's 4 x 4 tiles and avx2's
+# panels; M = 128: avx512's panel epilogue (on every 7th probe value, to keep the output small).
+@pytest.mark.parametrize("m,every", [(1, 1), (5, 1), (128, 7)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_bitlinear_output_rounding(isa, dtype):
+def test_bitlinear_output_rounding(isa, dtype, m, every):
     """The kernels' float32 -> f16/bf16 rounding, on chosen float32 values.
 
     With an all-zero weight acc = 0, so y = 0 * (scale / a) + bias = bias: the output is the
@@ -468,13 +490,13 @@ def test_bitlinear_output_rounding(isa, dtype):
     The expected output is computed by plain torch (the reference's last step, without its
     unpacked (N, 1) int64 weight, which would be large here).
     """
-    bias = _rounding_probe_values()
+    bias = _rounding_probe_values()[::every].contiguous()
     n = bias.numel()
     packed = pack_ternary(torch.zeros((n, 1), dtype=torch.int8))
-    x = torch.ones((1, 1), dtype=dtype)
+    x = torch.ones((m, 1), dtype=dtype)
     y = torch_bitnet.bitlinear(x, packed, torch.tensor([1.0]), bias, 1, n)
     # 0 * factor is +0, and +0 + bias turns a -0.0 bias into +0.0: write that out.
-    expected = (torch.zeros(n) + bias).to(dtype).unsqueeze(0)
+    expected = (torch.zeros(n) + bias).to(dtype).expand(m, n)
     assert_bitwise_equal(y, expected)
 
 

@@ -66,7 +66,7 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 }  // namespace
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
-                                int8_gemm_scalar};
+                                int8_gemm_scalar, int4_gemm_scalar};
 
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum) {

@@ -1,0 +1,121 @@
+// AVX2 kernel of the int4 group weights (lm_head), for x86-64 CPUs without AVX-512 VNNI.
+// Per-function target attributes, selected at run time by cpu_features.cpp.
+//
+// The layout of int4_avx512.cpp's header, half a line at a time: bytes 32h .. 32h+31 of a line
+// are rows 8h .. 8h+7, and dword lane r of lo = half & 0x0F (hi = (half >> 4) & 0x0F) holds row
+// 8h + r's codes of k0 .. k0+3 (k0+4 .. k0+7). VPMADDUBSW of the codes (u8, <= 15) with the 4
+// activations broadcast (s8) gives pairs of at most 2 * 15 * 128 = 3840 in magnitude (never
+// saturated; lo + hi <= 7680 fits int16), and VPMADDWD widens them to row r's 4-product sum in
+// lane r. As on AVX-512, the float32 sum over groups is lane-wise in group order.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels.h"
+
+#define TB_AVX2 __attribute__((target("avx2")))
+// Loops over tokens are unrolled with "#pragma GCC unroll" so the accumulator arrays live in
+// registers (see kernels_avx512.cpp).
+
+namespace tbn {
+namespace {
+
+// Software prefetch distance of the streaming tiles, bytes ahead (as in int8_avx2.cpp).
+constexpr int64_t kPrefetchAhead = 16384;
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. Stream (the tile's first
+// pass: token tile 0, half 0): the tile's lines come from DRAM; prefetch each line
+// kPrefetchAhead bytes ahead into L2. The second half and later token tiles find it in L1 / L2.
+template <int MR, bool Stream>
+TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int rows) {
+  const int64_t groups = p.k_pad / kInt4Group;
+  const uint8_t* tile_start = p.w + t * (kInt4Tile * p.k_pad / 2);
+  const uint8_t* w = tile_start + 32 * h;
+  const char* pf = reinterpret_cast<const char*>(tile_start) + kPrefetchAhead;
+  const uint16_t* scales = p.w_scale + (t * kInt4Tile + 8 * h) * groups;  // row 16 t + 8 h's, ...
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), iota);
+  const __m256i pair_index = _mm256_mullo_epi32(iota, _mm256_set1_epi32(int(groups / 2)));  // dwords
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 s[MR];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) s[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 2) {
+    // bf16 scales of groups g (low half) and g + 1 (high half) of the 8 rows; absent rows read nothing
+    const __m256i pair = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(scales + g),
+                                                     pair_index, row_mask, 4);
+    const __m256 group_scale[2] = {_mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)),
+                                   _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(int(0xFFFF0000u))))};
+    #pragma GCC unroll 2
+    for (int gh = 0; gh < 2; ++gh) {
+      __m256i acc[MR];
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_set1_epi32(p.offset[(m + i) * groups + g + gh]);
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const int64_t line = 4 * (g + gh) + c;
+        if constexpr (Stream) _mm_prefetch(pf + 64 * line, _MM_HINT_T1);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * line));
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        #pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* x = p.xq + (m + i) * p.ldq + 8 * line;
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x))),
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 4))));
+          acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+      #pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i)
+        s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), group_scale[gh]));
+    }
+  }
+  const int64_t n = t * kInt4Tile + 8 * h;
+  #pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s[i]);
+    for (int r = 0; r < rows; ++r) store_int4_result(p, m + i, n + r, lanes[r]);
+  }
+}
+
+constexpr int kMR = 4;
+using HalfFn = void (*)(const Int4Problem&, int64_t, int64_t, int, int);
+// 16 ymm registers: 4 accumulators, 4 sums, the two nibble planes, the line and two constants.
+// [streaming][tokens left (1 .. kMR) - 1].
+constexpr HalfFn kHalves[2][kMR] = {
+    {half_tile<1, false>, half_tile<2, false>, half_tile<3, false>, half_tile<4, false>},
+    {half_tile<1, true>, half_tile<2, true>, half_tile<3, true>, half_tile<4, true>},
+};
+
+}  // namespace
+
+void int4_gemm_avx2(const Int4Problem& p, int64_t n0, int64_t n1) {
+  // As in int4_avx512.cpp: token chunks in L2, one tile in L1, streamed from DRAM by the first
+  // pass over it.
+  const int64_t chunk = std::max<int64_t>(kMR, (int64_t(512) << 10) / p.k_pad / kMR * kMR);
+  for (int64_t m0 = 0; m0 < p.m; m0 += chunk) {
+    const int64_t m1 = std::min(p.m, m0 + chunk);
+    for (int64_t n = n0; n < n1; n += kInt4Tile)
+      for (int h = 0; h < 2; ++h) {
+        const int rows = int(std::min<int64_t>(8, n1 - n - 8 * h));
+        if (rows <= 0) break;
+        for (int64_t m = m0; m < m1; m += kMR)
+          kHalves[m == m0 && h == 0][std::min<int64_t>(kMR, m1 - m) - 1](p, m, n / kInt4Tile, h, rows);
+      }
+  }
+}
+
+}  // namespace tbn
+
+#endif  // x86-64

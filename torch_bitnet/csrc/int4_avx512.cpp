@@ -1,0 +1,163 @@
+// AVX-512 VNNI kernel of the int4 group weights (lm_head). Per-function target attributes;
+// cpu_features.cpp selects it only on CPUs with AVX-512 F/BW/VL/VNNI.
+//
+// A 64-byte line of codes is 16 rows x 8 weights (torch_bitnet/int4.py): lo = line & 0x0F holds
+// in dword lane r row r's codes of k0 .. k0+3, hi = (line >> 4) & 0x0F those of k0+4 .. k0+7.
+// VPDPBUSD of lo with the 4 activations x[k0 .. k0+3] broadcast to every lane adds row r's 4
+// products u * x into lane r. A group's 4 lines leave its 16 rows' exact int32 dot products in
+// the 16 lanes (no horizontal sums), and the float32 sum over groups runs lane by lane in group
+// order: the scalar kernel's sequence of operations, so the results are bit-identical.
+#if defined(__x86_64__) || defined(_M_X64)
+
+// GCC 12.2's AVX-512 headers define _mm512_undefined_epi32() as a self-initialised variable,
+// which -Wall reports at every inlined gather / conversion below (false positives).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels.h"
+
+#define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
+// Loops over tokens / accumulators are unrolled with "#pragma GCC unroll" so the accumulator
+// arrays live in registers (see kernels_avx512.cpp).
+
+namespace tbn {
+namespace {
+
+// Software prefetch distance of the streaming tiles, bytes ahead (as in int8_avx512.cpp).
+constexpr int64_t kPrefetchAhead = 16384;
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Store the 16 results y of one token (rows n .. n+15, lanes outside `rows` masked) at out[at].
+// The conversions are int8_avx512.cpp's: bit-identical to store_float.
+TB_AVX512_INLINE void store16(const Int4Problem& p, int64_t at, __mmask16 rows, __m512 y) {
+  if (p.out_dtype == DType::F32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(p.out) + at, rows, y);
+    return;
+  }
+  __m512i bits = _mm512_castps_si512(y);
+  if (p.out_dtype == DType::BF16) {
+    // float_to_bf16: round to nearest even on the bit pattern, NaN -> 0x7FC0
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  } else {
+    // IEEE round to nearest even, as float_to_f16 (NaN payloads may differ; NaN stays NaN)
+    bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.out) + at, rows, bits);
+}
+
+// MR tokens (m ..) x the 16 rows of tile t, the whole K; `rows` masks the rows that exist.
+// Stream (the first token tile of a weight tile): the tile is one contiguous run of 16 x Kp / 2
+// bytes read from DRAM; each line also prefetches the line kPrefetchAhead bytes further on into
+// L2, and each pair of groups one line of the next tile's scales, so the table streams at memory
+// speed. Without Stream the tile was just read by the previous token tile and sits in L1.
+template <int MR, bool Stream>
+TB_AVX512 void tile(const Int4Problem& p, int64_t m, int64_t t, __mmask16 rows) {
+  // Independent accumulators per token, so back-to-back VPDPBUSDs do not wait for each other
+  // (latency ~5 cycles): 4 for one token, 2 for 2-3, 1 from 4 tokens on (they are the chains).
+  constexpr int kAcc = MR == 1 ? 4 : MR <= 3 ? 2 : 1;
+  const int64_t groups = p.k_pad / kInt4Group;
+  const uint8_t* w = p.w + t * (kInt4Tile * p.k_pad / 2);
+  const char* pf = reinterpret_cast<const char*>(w) + kPrefetchAhead;
+  const uint16_t* scales = p.w_scale + t * kInt4Tile * groups;  // row 16 t's, then 16 t + 1's ...
+  const char* next_scales = reinterpret_cast<const char*>(scales + kInt4Tile * groups);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i pair_index = _mm512_mullo_epi32(iota, _mm512_set1_epi32(int(groups / 2)));  // dwords
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 s[MR];
+  #pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 2) {
+    // The bf16 scales of groups g (low half) and g + 1 (high half) of the 16 rows: one dword
+    // each (g is even and a row holds an even number of scales); absent rows read nothing.
+    const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, pair_index, scales + g, 4);
+    if constexpr (Stream) _mm_prefetch(next_scales + 32 * g, _MM_HINT_T1);  // 16 * groups * 2 bytes in groups / 2 lines
+    const __m512 group_scale[2] = {_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)),
+                                   _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xFFFF0000u))))};
+    #pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m512i acc[MR][kAcc];
+      #pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        acc[i][0] = _mm512_set1_epi32(p.offset[(m + i) * groups + g + h]);
+        #pragma GCC unroll 4
+        for (int j = 1; j < kAcc; ++j) acc[i][j] = _mm512_setzero_si512();
+      }
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {  // the group's 4 lines
+        const int64_t line = 4 * (g + h) + c;
+        if constexpr (Stream) _mm_prefetch(pf + 64 * line, _MM_HINT_T1);
+        const __m512i v = _mm512_loadu_si512(w + 64 * line);
+        const __m512i lo = _mm512_and_si512(v, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* x = p.xq + (m + i) * p.ldq + 8 * line;
+          const int a0 = (2 * c) % kAcc, a1 = (2 * c + 1) % kAcc;
+          acc[i][a0] = _mm512_dpbusd_epi32(acc[i][a0], lo, _mm512_set1_epi32(load_i32(x)));
+          acc[i][a1] = _mm512_dpbusd_epi32(acc[i][a1], hi, _mm512_set1_epi32(load_i32(x + 4)));
+        }
+      }
+      #pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        __m512i d = acc[i][0];
+        #pragma GCC unroll 4
+        for (int j = 1; j < kAcc; ++j) d = _mm512_add_epi32(d, acc[i][j]);
+        s[i] = _mm512_add_ps(s[i], _mm512_mul_ps(_mm512_cvtepi32_ps(d), group_scale[h]));
+      }
+    }
+  }
+  const int64_t n = t * kInt4Tile;
+  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(rows, p.bias + n) : _mm512_setzero_ps();
+  #pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    __m512 y = _mm512_div_ps(s[i], _mm512_set1_ps(p.a[m + i]));
+    if (p.bias) y = _mm512_add_ps(y, bias);
+    store16(p, (m + i) * p.ld + n, rows, y);
+  }
+}
+
+constexpr int kMR = 8;
+using TileFn = void (*)(const Int4Problem&, int64_t, int64_t, __mmask16);
+// Tiles by [streaming][tokens left (1 .. kMR) - 1].
+constexpr TileFn kTiles[2][kMR] = {
+    {tile<1, false>, tile<2, false>, tile<3, false>, tile<4, false>, tile<5, false>, tile<6, false>, tile<7, false>,
+     tile<8, false>},
+    {tile<1, true>, tile<2, true>, tile<3, true>, tile<4, true>, tile<5, true>, tile<6, true>, tile<7, true>,
+     tile<8, true>},
+};
+
+}  // namespace
+
+void int4_gemm_avx512(const Int4Problem& p, int64_t n0, int64_t n1) {
+  // Token chunks whose activations (chunk x Kp bytes, <= 512 KiB) stay in L2 while one tile of
+  // 16 rows (8 x Kp bytes, 20 KiB at K = 2560) stays in L1 and serves every token of the chunk:
+  // the table is read from DRAM once per chunk, at memory speed. Decode (M = 1) is the one-tile
+  // case of the same loop.
+  const int64_t chunk = std::max<int64_t>(kMR, (int64_t(512) << 10) / p.k_pad / kMR * kMR);
+  for (int64_t m0 = 0; m0 < p.m; m0 += chunk) {
+    const int64_t m1 = std::min(p.m, m0 + chunk);
+    for (int64_t n = n0; n < n1; n += kInt4Tile) {
+      const __mmask16 rows = n1 - n >= kInt4Tile ? __mmask16(0xFFFF) : __mmask16((1u << (n1 - n)) - 1u);
+      for (int64_t m = m0; m < m1; m += kMR) kTiles[m == m0][std::min<int64_t>(kMR, m1 - m) - 1](p, m, n / kInt4Tile, rows);
+    }
+  }
+}
+
+}  // namespace tbn
+
+#endif  // x86-64

@@ -5,8 +5,9 @@
 // are rows 8h .. 8h+7, and dword lane r of lo = half & 0x0F (hi = (half >> 4) & 0x0F) holds row
 // 8h + r's codes of k0 .. k0+3 (k0+4 .. k0+7). VPMADDUBSW of the codes (u8, <= 15) with the 4
 // activations broadcast (s8) gives pairs of at most 2 * 15 * 128 = 3840 in magnitude (never
-// saturated; lo + hi <= 7680 fits int16), and VPMADDWD widens them to row r's 4-product sum in
-// lane r. As on AVX-512, the float32 sum over groups is lane-wise in group order.
+// saturated), a group's 8 of them add up in int16 (<= 30720), and VPMADDWD widens the sum to
+// row r's group dot product in lane r. As on AVX-512, the float32 sum over groups is lane-wise
+// in group order.
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
@@ -17,6 +18,7 @@
 #include "kernels.h"
 
 #define TB_AVX2 __attribute__((target("avx2")))
+#define TB_AVX2_INLINE TB_AVX2 inline __attribute__((always_inline))
 // Loops over tokens are unrolled with "#pragma GCC unroll" so the accumulator arrays live in
 // registers (see kernels_avx512.cpp).
 
@@ -32,6 +34,32 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
+// 8 x 8 transpose of dwords: lane j of v[r] -> lane r of v[j] (24 shuffles).
+TB_AVX2_INLINE void transpose8(__m256i (&v)[8]) {
+  __m256i t[8];
+  // t[2i], per 128-bit lane L: [v2i.4L, v2i+1.4L, v2i.4L+1, v2i+1.4L+1]; t[2i+1] the same for 4L+2, 4L+3
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  // v[4i + e], 128-bit lane L: rows 4i .. 4i+3 of column 4L + e
+  #pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    v[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    v[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  #pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    t[e] = _mm256_permute2x128_si256(v[e], v[4 + e], 0x20);
+    t[4 + e] = _mm256_permute2x128_si256(v[e], v[4 + e], 0x31);
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) v[i] = t[i];
+}
+
 // MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. Stream (the tile's first
 // pass: token tile 0, half 0): the tile's lines come from DRAM; prefetch each line
 // kPrefetchAhead bytes ahead into L2. The second half and later token tiles find it in L1 / L2.
@@ -42,24 +70,35 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
   const uint8_t* w = tile_start + 32 * h;
   const char* pf = reinterpret_cast<const char*>(tile_start) + kPrefetchAhead;
   const uint16_t* scales = p.w_scale + (t * kInt4Tile + 8 * h) * groups;  // row 16 t + 8 h's, ...
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), iota);
-  const __m256i pair_index = _mm256_mullo_epi32(iota, _mm256_set1_epi32(int(groups / 2)));  // dwords
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 s[MR];
   #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) s[i] = _mm256_setzero_ps();
+  // The scales of up to 16 groups of the 8 rows, as in int4_avx512.cpp: loaded row by row (as
+  // bf16 pairs) and transposed, so pairs[j] holds in lane r row r's scales of groups g0 + 2j
+  // (low half) and g0 + 2j + 1 (high half). Absent rows read nothing.
+  alignas(32) __m256i pairs[8];
   for (int64_t g = 0; g < groups; g += 2) {
-    // bf16 scales of groups g (low half) and g + 1 (high half) of the 8 rows; absent rows read nothing
-    const __m256i pair = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(scales + g),
-                                                     pair_index, row_mask, 4);
+    const int64_t j = (g / 2) % 8;
+    if (j == 0) {
+      const int64_t cols = std::min<int64_t>(8, (groups - g) / 2);
+      const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      #pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r)
+        pairs[r] = r < rows ? _mm256_maskload_epi32(reinterpret_cast<const int*>(scales + r * groups + g), col_mask)
+                            : _mm256_setzero_si256();
+      transpose8(pairs);
+    }
+    const __m256i pair = pairs[j];
     const __m256 group_scale[2] = {_mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)),
                                    _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(int(0xFFFF0000u))))};
     #pragma GCC unroll 2
     for (int gh = 0; gh < 2; ++gh) {
+      // acc[i]: 16 int16 lanes, lanes 2r and 2r + 1 row r's partial sums of u x over the group
+      // (8 VPMADDUBSW pairs of at most 3840 each: |sum| <= 30720, no saturation)
       __m256i acc[MR];
       #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) acc[i] = _mm256_set1_epi32(p.offset[(m + i) * groups + g + gh]);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const int64_t line = 4 * (g + gh) + c;
@@ -70,14 +109,16 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
         #pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
           const int8_t* x = p.xq + (m + i) * p.ldq + 8 * line;
-          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x))),
-                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 4))));
-          acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+          acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x))));
+          acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 4))));
         }
       }
       #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i)
-        s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), group_scale[gh]));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(acc[i], ones),
+                                           _mm256_set1_epi32(p.offset[(m + i) * groups + g + gh]));
+        s[i] = _mm256_add_ps(s[i], _mm256_mul_ps(_mm256_cvtepi32_ps(d), group_scale[gh]));
+      }
     }
   }
   const int64_t n = t * kInt4Tile + 8 * h;

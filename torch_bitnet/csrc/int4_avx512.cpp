@@ -60,6 +60,37 @@ TB_AVX512_INLINE void store16(const Int4Problem& p, int64_t at, __mmask16 rows, 
   _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.out) + at, rows, bits);
 }
 
+// 16 x 16 transpose of dwords: lane j of v[r] -> lane r of v[j] (64 shuffles).
+TB_AVX512_INLINE void transpose16(__m512i (&v)[16]) {
+  __m512i t[16];
+  // t[2i], per 128-bit lane L: [v2i.4L, v2i+1.4L, v2i.4L+1, v2i+1.4L+1]; t[2i+1] the same for 4L+2, 4L+3
+  #pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  // v[4i + e], 128-bit lane L: rows 4i .. 4i+3 of column 4L + e
+  #pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // column 4L + e = lane L of v[e], v[4 + e], v[8 + e], v[12 + e]
+  #pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {
+    const __m512i a = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x88), b = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xDD);
+    const __m512i c = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x88), d = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0xDD);
+    t[e] = _mm512_shuffle_i32x4(a, c, 0x88);
+    t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);
+    t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
 // MR tokens (m ..) x the 16 rows of tile t, the whole K; `rows` masks the rows that exist.
 // Stream (the first token tile of a weight tile): the tile is one contiguous run of 16 x Kp / 2
 // bytes read from DRAM; each line also prefetches the line kPrefetchAhead bytes further on into
@@ -75,16 +106,23 @@ TB_AVX512 void tile(const Int4Problem& p, int64_t m, int64_t t, __mmask16 rows) 
   const char* pf = reinterpret_cast<const char*>(w) + kPrefetchAhead;
   const uint16_t* scales = p.w_scale + t * kInt4Tile * groups;  // row 16 t's, then 16 t + 1's ...
   const char* next_scales = reinterpret_cast<const char*>(scales + kInt4Tile * groups);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i pair_index = _mm512_mullo_epi32(iota, _mm512_set1_epi32(int(groups / 2)));  // dwords
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 s[MR];
   #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) s[i] = _mm512_setzero_ps();
+  // The scales of up to 32 groups (16 dwords: bf16 pairs, g even and a row holds an even number
+  // of scales) of the 16 rows: loaded row by row, transposed so pairs[j] holds in lane r row r's
+  // scales of groups g0 + 2j (low half) and g0 + 2j + 1 (high half). Absent rows read nothing.
+  alignas(64) __m512i pairs[16];
   for (int64_t g = 0; g < groups; g += 2) {
-    // The bf16 scales of groups g (low half) and g + 1 (high half) of the 16 rows: one dword
-    // each (g is even and a row holds an even number of scales); absent rows read nothing.
-    const __m512i pair = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, pair_index, scales + g, 4);
+    const int64_t j = (g / 2) % 16;
+    if (j == 0) {
+      const __mmask16 cols = __mmask16((1u << std::min<int64_t>(16, (groups - g) / 2)) - 1u);
+      #pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) pairs[r] = _mm512_maskz_loadu_epi32((rows >> r) & 1 ? cols : 0, scales + r * groups + g);
+      transpose16(pairs);
+    }
+    const __m512i pair = pairs[j];
     if constexpr (Stream) _mm_prefetch(next_scales + 32 * g, _MM_HINT_T1);  // 16 * groups * 2 bytes in groups / 2 lines
     const __m512 group_scale[2] = {_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)),
                                    _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xFFFF0000u))))};

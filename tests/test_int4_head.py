@@ -771,6 +771,20 @@ def test_model_save_load_convert_and_patch(checkpoint, tmp_path):
                            logits)
 
 
+def test_cli_lm_head_int4(capsys, checkpoint):
+    """torch-bitnet generate --lm-head int4 generates what the int4-lm_head model generates."""
+    from transformers import AutoTokenizer
+
+    from torch_bitnet import cli
+    from torch_bitnet.generate import generate
+
+    model = torch_bitnet.from_pretrained(checkpoint, dtype=torch.float32, lm_head="int4")
+    expected = generate(model, AutoTokenizer.from_pretrained(checkpoint), "Once upon a time", 8, compile=False, eos=False)
+    code = cli.main(["generate", "--model", str(checkpoint), "--prompt", "Once upon a time", "--max-new-tokens", "8",
+                     "--ignore-eos", "--lm-head", "int4", "--dtype", "float32", "--no-compile"])
+    assert code == 0 and capsys.readouterr().out == expected.text + "\n"
+
+
 def test_bytes_by_kind_counts_the_int4_table(checkpoint):
     from torch_bitnet.bench import bytes_by_kind
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the int8 and int4 lm_heads (``int8_linear``, ``int4_linear``) against F.linear and a read-bandwidth yardstick.
+"""Benchmark the int8 and int4 lm_heads (``int8_linear``, ``int4_linear``) against F.linear and a bandwidth yardstick.
 
     python benchmarks/bench_lm_head.py                      # 2B-4T lm_head, M = 1 and 512, 1 and 2 threads
     python benchmarks/bench_lm_head.py --rounds 5 --json lm_head.json
@@ -164,7 +164,8 @@ def main() -> None:
     w16 = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
     tables = {"int8": tb.quantize_int8_rows(w16), "int4": tb.quantize_int4_rows(w16), "bf16": w16, "fp32": w16.float()}
     print(
-        f"lm_head {n} x {k}: int8 {table_bytes(tables, 'int8') / 1e6:.0f} MB, int4 {table_bytes(tables, 'int4') / 1e6:.0f} MB, "
+        f"lm_head {n} x {k}: int8 {table_bytes(tables, 'int8') / 1e6:.0f} MB, "
+        f"int4 {table_bytes(tables, 'int4') / 1e6:.0f} MB, "
         f"bf16 {w16.numel() * 2 / 1e6:.0f} MB, fp32 {w16.numel() * 4 / 1e6:.0f} MB (cold: each > L3); "
         f"date {header['date']}; load avg before start {header['load_avg_1min']:.2f}"
     )

@@ -157,7 +157,8 @@ def test_golden_bytes():
 )
 def test_quantize_round_trip(n, k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 10.0 ** (torch.rand(n, 1, generator=g) * 5 - 3)  # |w| < 30 * 100 * 6: float16 too
+    # |w| < 30 * 100 * 6 (outlier factor, row scale, Gaussian tail): finite in float16 too
+    w = torch.randn(n, k, generator=g) * 10.0 ** (torch.rand(n, 1, generator=g) * 5 - 3)
     w[torch.rand(n, generator=g) < 0.2] = 0.0  # some all-zero rows
     w[:, torch.rand(k, generator=g) < 0.1] *= 30.0  # outlier columns: their groups get large scales
     w = w.to(dtype)
@@ -312,7 +313,8 @@ def test_int4_linear_matches_reference(isa, lead, k, n, dtype, kinds, table, sca
     elif scale_kind == "signed":  # the format never makes them, the kernels take any value
         scale = (torch.randn(scale.shape, generator=g)).to(torch.bfloat16)
     x = make_x(lead, k, dtype, kinds, seed)
-    bias = None if bias_kind is None else torch.randn(n, generator=g).to(torch.float32 if bias_kind == "float32" else dtype)
+    bias_dtype = torch.float32 if bias_kind == "float32" else dtype
+    bias = None if bias_kind is None else torch.randn(n, generator=g).to(bias_dtype)
     y = torch_bitnet.int4_linear(x, codes, scale, k, n, bias)
     assert y.dtype == dtype and tuple(y.shape) == (*lead, n)
     assert_bitwise_equal(y, reference.int4_linear(x, codes, scale, k, n, bias))
@@ -370,7 +372,8 @@ def test_int4_linear_non_contiguous(isa):
     scale_odd = flat[1:].view(scale.shape)
     assert not codes_view.is_contiguous() and not scale_view.is_contiguous()
     assert scale_odd.is_contiguous() and scale_odd.data_ptr() % 4 == 2
-    for x in (torch.randn(k, 7, generator=g).t(), torch.randn(7, 2 * k, generator=g)[:, ::2], torch.randn(1, k).expand(4, k)):
+    for x in (torch.randn(k, 7, generator=g).t(), torch.randn(7, 2 * k, generator=g)[:, ::2],
+              torch.randn(1, k).expand(4, k)):
         expected = reference.int4_linear(x.contiguous(), codes, scale, k, n)
         assert_bitwise_equal(torch_bitnet.int4_linear(x, codes_view, scale_view, k, n), expected)
         assert_bitwise_equal(torch_bitnet.int4_linear(x, codes, scale_odd, k, n), expected)
@@ -779,7 +782,8 @@ def test_cli_lm_head_int4(capsys, checkpoint):
     from torch_bitnet.generate import generate
 
     model = torch_bitnet.from_pretrained(checkpoint, dtype=torch.float32, lm_head="int4")
-    expected = generate(model, AutoTokenizer.from_pretrained(checkpoint), "Once upon a time", 8, compile=False, eos=False)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    expected = generate(model, tokenizer, "Once upon a time", 8, compile=False, eos=False)
     code = cli.main(["generate", "--model", str(checkpoint), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                      "--ignore-eos", "--lm-head", "int4", "--dtype", "float32", "--no-compile"])
     assert code == 0 and capsys.readouterr().out == expected.text + "\n"

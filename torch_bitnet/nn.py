@@ -283,7 +283,9 @@ def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tens
         return embedding.weight
     if isinstance(embedding, torch.Tensor):
         return embedding
-    raise TypeError(f"torch_bitnet: {cls}.from_float expects an nn.Embedding or a tensor, got {type(embedding).__name__}")
+    raise TypeError(
+        f"torch_bitnet: {cls}.from_float expects an nn.Embedding or a tensor, got {type(embedding).__name__}"
+    )
 
 
 def _float_weight(

@@ -82,7 +82,8 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
     const int64_t j = (g / 2) % 8;
     if (j == 0) {
       const int64_t cols = std::min<int64_t>(8, (groups - g) / 2);
-      const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      const __m256i col_mask =
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r)
         pairs[r] = r < rows ? _mm256_maskload_epi32(reinterpret_cast<const int*>(scales + r * groups + g), col_mask)

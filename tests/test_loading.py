@@ -67,8 +67,9 @@ def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_logits_match_transformers(checkpoints, name, mode):
     path = checkpoints[name, mode]
-    # the float lm_head: transformers' own (the int8 one is measured in test_int8_head.py)
-    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16")
+    # the float lm_head: transformers' own (the int8 one is measured in test_int8_head.py), and
+    # transformers' layer forward (the fused one rounds its norms once more: test_fuse.py)
+    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16", fuse=False)
     theirs = _transformers_fp32(path)
     for ids in _prompts(ours.config.vocab_size):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
@@ -81,7 +82,7 @@ def test_logits_match_transformers(checkpoints, name, mode):
 @pytest.mark.parametrize("name", list(SMALL_CONFIGS))
 def test_greedy_continuation_matches_transformers(checkpoints, name):
     path = checkpoints[name, "offline"]
-    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16")
+    ours = torch_bitnet.from_pretrained(path, dtype=torch.float32, lm_head="bf16", fuse=False)
     theirs = _transformers_fp32(path)
     ids = _prompts(ours.config.vocab_size)[1]
     assert torch.equal(_greedy(ours, ids, 32), _greedy(theirs, ids, 32))

@@ -3,7 +3,9 @@
 Public API:
 
 * ops (``torch.ops.bitnet.*``, with typed wrappers): :func:`quantize_act`,
-  :func:`ternary_mm`, :func:`bitlinear`, :func:`stream_max`, the int8 lm_head / embedding
+  :func:`ternary_mm`, :func:`bitlinear` (optionally with its input's RMSNorm fused in), the
+  shared-input forms :func:`bitlinear_shared` (q/k/v) and :func:`bitlinear_relu2_glu`
+  (gate/up + squared-ReLU gating), :func:`stream_max`, the int8 lm_head / embedding
   ops :func:`int8_linear`, :func:`int8_embedding`, their compact int4 counterparts
   :func:`int4_linear`, :func:`int4_embedding`, and the int8 KV cache ops
   :func:`kv_cache_write`, :func:`int8_attention`
@@ -15,7 +17,8 @@ Public API:
 * models: :class:`BitLinear` (the module), :class:`Int8Embedding` / :class:`Int8Linear` (the
   int8 embedding table and lm_head, tied with :meth:`Int8Linear.tied_to`), their int4
   counterparts :class:`Int4Embedding` / :class:`Int4Linear`, :func:`patch`
-  (transformers BitNet models), :func:`replace_linear` (plain nn.Linear layers), :func:`from_pretrained`,
+  (transformers BitNet models), :func:`replace_linear` (plain nn.Linear layers), :func:`fuse_layers`
+  (BitNet decoder layers as four fused ops; done by ``patch`` / ``from_pretrained``), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
 * generation: :func:`generate` (static KV cache, compiled decode step), :class:`GenerationResult`
 * the KV cache of patched models (int8 on :func:`int8_attention`, or float on SDPA):
@@ -23,6 +26,7 @@ Public API:
 """
 
 from . import int4, int8, kv_cache, packing, reference
+from .fuse import fuse_layers
 from .generate import GenerationResult, generate
 from .kv_cache import set_kv_cache_dtype
 from .isa import available_isas, get_isa, set_isa, use_isa
@@ -32,6 +36,8 @@ from .int8 import dequantize_int8_rows, quantize_int8_rows
 from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .ops import (
     bitlinear,
+    bitlinear_relu2_glu,
+    bitlinear_shared,
     int4_embedding,
     int4_linear,
     int8_attention,
@@ -73,7 +79,10 @@ __all__ = [
     "replace_linear",
     "save_pretrained",
     "bitlinear",
+    "bitlinear_relu2_glu",
+    "bitlinear_shared",
     "from_hf_packed",
+    "fuse_layers",
     "get_isa",
     "pack_ternary",
     "packing",

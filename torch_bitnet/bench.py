@@ -5,7 +5,8 @@
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
 
 Each configuration (one per thread count) runs in a fresh child process, so its peak RSS is
-its own. A run: load the model (seconds, peak RSS after loading), compile the decode step with
+its own. A run: the RSS of the runtime alone (Python, torch, transformers, torch_bitnet, before
+any weight), load the model (seconds, peak RSS after loading), compile the decode step with
 an empty inductor cache (cold) and again after ``torch._dynamo.reset()`` (warm: what a second
 run of the same model pays), prefill a prompt (time to first token, prompt tokens/s), decode
 new tokens with the compiled step (tokens/s), then peak RSS, the model's bytes by kind, the KV
@@ -191,6 +192,9 @@ def measure(
     from .generate import prefill, prepare
     from .loading import from_pretrained
 
+    from transformers import BitNetForCausalLM  # noqa: F401  (imported here so the runtime's RSS counts it)
+
+    runtime_rss = _rss_mb()  # Python + torch + transformers + torch_bitnet, before any weight
     stages = tqdm(total=5, desc="bench", disable=not progress, file=sys.stderr)
     stages.set_postfix_str("loading")
     start = time.perf_counter()
@@ -240,6 +244,7 @@ def measure(
         "threads": torch.get_num_threads(),
         "kv_cache_dtype": session.kv_cache_dtype,
         "lm_head": lm_head,
+        "runtime_rss_mb": runtime_rss,
         "load_s": load_s,
         "load_peak_rss_mb": load_peak,
         "rss_after_load_mb": load_rss,
@@ -265,6 +270,7 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
 
     from .kv_cache import cache_argument
 
+    runtime_rss = _rss_mb()
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - start
@@ -283,6 +289,7 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
         decode_s = time.perf_counter() - start
     return {
         "threads": torch.get_num_threads(),
+        "runtime_rss_mb": runtime_rss,
         "load_s": load_s,
         "ttft_s": ttft,
         "prefill_tok_s": prompt_len / ttft,
@@ -326,7 +333,8 @@ _COLUMNS = [
     ("threads", "threads", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
     ("compile_warm_s", "compile warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
     ("decode_tok_s", "decode tok/s", ".2f"), ("decode_gb_s", "decode GB/s", ".1f"), ("stream_gb_s", "read GB/s", ".1f"),
-    ("load_peak_rss_mb", "load peak MB", ".0f"), ("rss_after_load_mb", "after load MB", ".0f"),
+    ("runtime_rss_mb", "runtime MB", ".0f"), ("load_peak_rss_mb", "load peak MB", ".0f"),
+    ("rss_after_load_mb", "after load MB", ".0f"),
     ("peak_rss_mb", "peak RSS MB", ".0f"),
 ]
 

@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .int4 import int4_shapes, quantize_int4_rows
 from .int8 import int8_shape, quantize_int8_rows
@@ -239,6 +240,7 @@ def from_pretrained(
     progress: bool | None = None,
     kv_cache_dtype: str | None = None,
     lm_head: str = "int8",
+    fuse: bool = True,
 ) -> torch.nn.Module:
     """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
 
@@ -261,6 +263,9 @@ def from_pretrained(
             :class:`torch_bitnet.Int4Linear`: 4-bit codes, a bf16 scale per 32 weights; 56% of
             int8's bytes, so a faster decode, at about 10x int8's logit error).
             ``"bf16"``: the table as stored, unquantized, in ``dtype`` (exact).
+        fuse: run each decoder layer as four fused ops (norms, activation quantization and
+            the relu2 gating inside them; :func:`torch_bitnet.fuse_layers`). ``False`` keeps
+            transformers' own layer forward over the same modules.
 
     Returns:
         The model in eval mode, without gradients, equal to
@@ -359,6 +364,8 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
+    if fuse:
+        fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "quantize_act",
     "ternary_mm",
     "bitlinear",
+    "bitlinear_shared",
+    "bitlinear_relu2_glu",
     "stream_max",
     "int8_linear",
     "int8_embedding",
@@ -49,18 +51,38 @@ def _check_input(x: torch.Tensor, in_features: int, what: str) -> None:
         )
 
 
-def _check_bitlinear(x, packed, scale, bias, in_features, out_features) -> None:
-    check_features(in_features, out_features)
+def _check_float_input(x, in_features: int, what: str) -> None:
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bitnet: bitlinear input must be float32, bfloat16 or float16, got {x.dtype}")
-    _check_input(x, in_features, "bitlinear input")
-    check_packed(packed, in_features, out_features)
+        raise TypeError(f"bitnet: {what} must be float32, bfloat16 or float16, got {x.dtype}")
+    _check_input(x, in_features, what)
+
+
+def _check_scale(scale, what: str = "weight scale") -> None:
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(
-            f"bitnet: weight scale must be a float32 tensor with one element, got {scale.dtype} of shape "
+            f"bitnet: {what} must be a float32 tensor with one element, got {scale.dtype} of shape "
             f"{tuple(scale.shape)}"
         )
+
+
+def _check_norm(norm_weight, norm_eps: float, x, in_features: int) -> None:
+    if norm_weight is None:
+        return
+    if norm_weight.dtype != x.dtype:
+        raise TypeError(f"bitnet: norm_weight must have the input's dtype {x.dtype}, got {norm_weight.dtype}")
+    if tuple(norm_weight.shape) != (in_features,):
+        raise ValueError(f"bitnet: norm_weight has shape {tuple(norm_weight.shape)}, expected [{in_features}]")
+    if norm_eps < 0:
+        raise ValueError(f"bitnet: norm_eps must be >= 0, got {norm_eps}")
+
+
+def _check_bitlinear(x, packed, scale, bias, in_features, out_features, norm_weight=None, norm_eps=1e-6) -> None:
+    check_features(in_features, out_features)
+    _check_float_input(x, in_features, "bitlinear input")
+    check_packed(packed, in_features, out_features)
+    _check_scale(scale)
     _check_bias(bias, out_features)
+    _check_norm(norm_weight, norm_eps, x, in_features)
 
 
 def _check_bias(bias, out_features: int) -> None:
@@ -94,8 +116,42 @@ def _ternary_mm_fake(xq: torch.Tensor, packed: torch.Tensor, in_features: int, o
 
 
 @torch.library.register_fake("bitnet::bitlinear")
-def _bitlinear_fake(x, packed, scale, bias, in_features: int, out_features: int) -> torch.Tensor:
-    _check_bitlinear(x, packed, scale, bias, in_features, out_features)
+def _bitlinear_fake(
+    x, packed, scale, bias, in_features: int, out_features: int, norm_weight=None, norm_eps: float = 1e-6
+) -> torch.Tensor:
+    _check_bitlinear(x, packed, scale, bias, in_features, out_features, norm_weight, norm_eps)
+    return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bitnet::bitlinear_shared")
+def _bitlinear_shared_fake(
+    x, packed, scales, in_features: int, out_features: list[int], norm_weight=None, norm_eps: float = 1e-6
+) -> list[torch.Tensor]:
+    if not (len(packed) == len(scales) == len(out_features) >= 1):
+        raise ValueError(
+            "bitnet: bitlinear_shared needs as many weights, scales and out_features (at least one), got "
+            f"{len(packed)}, {len(scales)} and {len(out_features)}"
+        )
+    _check_float_input(x, in_features, "bitlinear_shared input")
+    for w, s, n in zip(packed, scales, out_features):
+        check_features(in_features, n)
+        check_packed(w, in_features, n)
+        _check_scale(s)
+    _check_norm(norm_weight, norm_eps, x, in_features)
+    return [torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device) for n in out_features]
+
+
+@torch.library.register_fake("bitnet::bitlinear_relu2_glu")
+def _bitlinear_relu2_glu_fake(
+    x, gate, gate_scale, up, up_scale, in_features: int, out_features: int, norm_weight=None, norm_eps: float = 1e-6
+) -> torch.Tensor:
+    check_features(in_features, out_features)
+    _check_float_input(x, in_features, "bitlinear_relu2_glu input")
+    check_packed(gate, in_features, out_features)
+    check_packed(up, in_features, out_features)
+    _check_scale(gate_scale, "gate weight scale")
+    _check_scale(up_scale, "up weight scale")
+    _check_norm(norm_weight, norm_eps, x, in_features)
     return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
 
 
@@ -224,6 +280,8 @@ def _register_no_backward(op_name: str) -> None:
 for _name in (
     "bitnet::quantize_act",
     "bitnet::bitlinear",
+    "bitnet::bitlinear_shared",
+    "bitnet::bitlinear_relu2_glu",
     "bitnet::int8_linear",
     "bitnet::int4_linear",
     "bitnet::int8_attention",
@@ -266,6 +324,8 @@ def bitlinear(
     bias: torch.Tensor | None,
     in_features: int,
     out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """BitNet b1.58 linear layer (ternary weight, int8 activations quantized inside).
 
@@ -275,13 +335,67 @@ def bitlinear(
         scale: float32 tensor with one element; the weight is ``W_ternary * scale``.
         bias: optional (out_features,) float tensor, added in float32.
         in_features, out_features: logical sizes K, N (so fake kernels never read ``packed``).
+        norm_weight: optional (in_features,) RMSNorm weight of x's dtype: the input is first
+            normalised (:func:`torch_bitnet.reference.rms_norm`) in the same pass that
+            quantizes it, instead of by a separate norm module.
+        norm_eps: the RMSNorm epsilon.
 
     Returns:
         Tensor (..., out_features) in ``x.dtype``: ``acc * (scale / a) + bias`` computed in float32
         and rounded once, where ``acc`` is the exact int32 product of the quantized input
         with the ternary weight (see :func:`torch_bitnet.reference.bitlinear`).
     """
-    return torch.ops.bitnet.bitlinear.default(x, packed, scale, bias, in_features, out_features)
+    if norm_weight is None:  # no float argument for torch.compile(dynamic=True) to make symbolic
+        return torch.ops.bitnet.bitlinear.default(x, packed, scale, bias, in_features, out_features)
+    return torch.ops.bitnet.bitlinear.default(
+        x, packed, scale, bias, in_features, out_features, norm_weight, norm_eps
+    )
+
+
+def bitlinear_shared(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    in_features: int,
+    out_features: list[int],
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> list[torch.Tensor]:
+    """Several bias-free BitLinear layers of one input (an attention's q/k/v projections).
+
+    The input is normalised (with ``norm_weight``) and quantized once, then multiplied by each
+    packed weight; output ``i`` equals ``bitlinear(x, packed[i], scales[i], None, in_features,
+    out_features[i], norm_weight, norm_eps)`` bit for bit.
+    """
+    if norm_weight is None:
+        return torch.ops.bitnet.bitlinear_shared.default(x, packed, scales, in_features, out_features)
+    return torch.ops.bitnet.bitlinear_shared.default(
+        x, packed, scales, in_features, out_features, norm_weight, norm_eps
+    )
+
+
+def bitlinear_relu2_glu(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """The input half of BitNet's MLP: ``relu(gate(x))^2 * up(x)`` (x's dtype, (..., out_features)).
+
+    ``gate`` / ``up`` are packed ternary weights (out_features, Kp/4) with their scales; x is
+    normalised (optionally) and quantized once for both; the squared-ReLU gating runs in the
+    same op (see :func:`torch_bitnet.reference.bitlinear_relu2_glu` for the roundings).
+    """
+    if norm_weight is None:
+        return torch.ops.bitnet.bitlinear_relu2_glu.default(x, gate, gate_scale, up, up_scale, in_features, out_features)
+    return torch.ops.bitnet.bitlinear_relu2_glu.default(
+        x, gate, gate_scale, up, up_scale, in_features, out_features, norm_weight, norm_eps
+    )
 
 
 def stream_max(buf: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed
@@ -70,7 +71,9 @@ def convert_module(module: nn.Module, name: str = "") -> BitLinear | None:
     return None
 
 
-def patch(model: nn.Module, *, kv_cache_dtype: str | None = None, lm_head: str = "int8") -> nn.Module:
+def patch(
+    model: nn.Module, *, kv_cache_dtype: str | None = None, lm_head: str = "int8", fuse: bool = True
+) -> nn.Module:
     """Replace every transformers BitNet layer of ``model`` with :class:`torch_bitnet.nn.BitLinear`.
 
     Handles all the ways transformers 5.x loads BitNet: ``AutoBitLinear`` offline (packed
@@ -82,6 +85,9 @@ def patch(model: nn.Module, *, kv_cache_dtype: str | None = None, lm_head: str =
     ``lm_head="int8"`` (default) also quantizes the token embedding and the lm_head per row
     (:func:`quantize_head`), ``"int4"`` to the compact int4 group table; ``"bf16"`` leaves them as
     they are (exact).
+
+    ``fuse=True`` (default) then runs each BitNet decoder layer as four fused ops (norms,
+    activation quantization and the relu2 gating inside them: :func:`torch_bitnet.fuse_layers`).
 
     The model's KV cache then stores keys and values in ``kv_cache_dtype`` (``int8``,
     the default unless ``BITNET_KV_CACHE_DTYPE`` says otherwise, on torch_bitnet's attention
@@ -105,6 +111,8 @@ def patch(model: nn.Module, *, kv_cache_dtype: str | None = None, lm_head: str =
         )
     logger.info("torch_bitnet.patch: converted %d BitNet layers", converted)
     quantize_head(model, lm_head)
+    if fuse:
+        fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
 
 

@@ -16,7 +16,10 @@ from .packing import check_packed, unpack_ternary
 __all__ = [
     "quantize_act",
     "ternary_mm",
+    "rms_norm",
     "bitlinear",
+    "bitlinear_shared",
+    "bitlinear_relu2_glu",
     "stream_max",
     "int8_linear",
     "int8_embedding",
@@ -61,6 +64,30 @@ def ternary_mm(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_fea
     return acc.to(torch.int32)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the fused-norm ops compute it (transformers' ``BitNetRMSNorm`` operations)::
+
+        var = mean(x^2)                          # summed in float64, rounded once to float32
+        r   = 1 / sqrt(var + eps)                # var + eps in float32; sqrt and division in
+                                                 # float64, rounded once to float32
+        h   = (x * r).to(x.dtype)                # float32 product, one rounding
+        y   = weight * h                         # in x.dtype (weight has x's dtype)
+
+    Why float64 for the sum and for ``r``: transformers sums the squares in float32 in an
+    order that depends on the vector width, and torch's vectorised float32 ``rsqrt`` / ``sqrt``
+    kernels are not correctly rounded (one ulp off for some inputs). A float64 result rounded
+    once to float32 is the same whatever the order or the library (in practice: the float64
+    results differ only in their last bits, far below float32's half-ulp), so every ISA path
+    and this function agree bit for bit. Against transformers, ``r`` differs by a few float32
+    ulps.
+    """
+    xf = x.float()
+    var = (xf.double().square().sum(-1, keepdim=True) / x.shape[-1]).float()
+    r = (var + eps).double().sqrt().reciprocal().float()
+    h = (xf * r).to(x.dtype)
+    return weight * h
+
+
 def bitlinear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -68,11 +95,14 @@ def bitlinear(
     bias: torch.Tensor | None,
     in_features: int,
     out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """W1.58A8 linear layer: float (..., K) -> float (..., N) in the input's dtype.
 
     In float32::
 
+        x     = rms_norm(x, norm_weight, norm_eps)         # only with norm_weight
         xq, a = quantize_act(x)
         acc   = ternary_mm(xq, packed)                     # exact int32
         y     = acc * (scale / a)  (+ bias)                # one factor per token
@@ -81,12 +111,49 @@ def bitlinear(
     This equals ``(xq @ W^T) / a * scale`` up to float32 rounding; the kernels compute
     exactly this expression, so they match this function bit for bit.
     """
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, norm_eps)
     xq, a = quantize_act(x)
     acc = ternary_mm(xq, packed, in_features, out_features)
     y = acc.float() * (scale.float().reshape(()) / a)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def bitlinear_shared(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    in_features: int,
+    out_features: list[int],
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> list[torch.Tensor]:
+    """One input times several ternary weights (q/k/v): ``[bitlinear(x, w_i, s_i) ...]``, the
+    input normalised (optionally) and quantized once (the result is the same as separately)."""
+    return [
+        bitlinear(x, w, s, None, in_features, n, norm_weight, norm_eps)
+        for w, s, n in zip(packed, scales, out_features, strict=True)
+    ]
+
+
+def bitlinear_relu2_glu(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    gate_scale: torch.Tensor,
+    up: torch.Tensor,
+    up_scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """BitNet's gated MLP input: ``relu(g)^2 * u`` in x's dtype (each step rounded to it, as
+    transformers' ``ReLUSquaredActivation`` and the product do), with ``g`` and ``u`` the
+    bitlinear outputs of the (optionally normalised) input for the gate and up weights."""
+    g, u = bitlinear_shared(x, [gate, up], [gate_scale, up_scale], in_features, [out_features] * 2, norm_weight, norm_eps)
+    return torch.square(torch.relu(g)) * u
 
 
 def int8_linear(

@@ -237,6 +237,8 @@ struct Kernels {
                             float* l, float* acc);
   // int8 per-row weights: results for output rows [n0, n1) and all M tokens of p.
   void (*int8_gemm)(const Int8Problem& p, int64_t n0, int64_t n1);
+  // Squared-ReLU gating of n elements in place (see relu2_gate_scalar below).
+  void (*relu2_gate)(void* g, const void* u, DType dt, int64_t n);
   // int4 group weights: results for output rows [n0, n1) (n0 a multiple of kInt4Tile) and all
   // M tokens of p.
   void (*int4_gemm)(const Int4Problem& p, int64_t n0, int64_t n1);
@@ -256,10 +258,36 @@ inline float act_scale_from_amax(float amax) {
   return (1.0f / clamped) * 127.0f;
 }
 
+// An RMSNorm applied to each row before it is quantized (the fused norm of bitlinear and
+// the shared-input ops), in the operations of transformers' BitNetRMSNorm / LlamaRMSNorm:
+//   var = mean(x^2), accumulated in double and rounded once to float32 (so every ISA and the
+//         reference agree bit for bit in practice: their summation orders differ only in
+//         double rounding, ~1e-16 relative, far below float32's half-ulp);
+//   r   = 1 / sqrt(var + eps)                      (the sum in float32; sqrt and division in
+//         double, rounded once to float32: correctly rounded, unlike torch's vectorised rsqrt)
+//   h   = round_dt(x * r)                          (float32 product rounded to the row's dtype dt)
+//   y   = round_dt(weight * h)                     (weight: K values of dtype dt)
+struct RowNorm {
+  const void* weight = nullptr;  // (K,) of the rows' dtype
+  float eps = 0.f;
+};
+
 // Quantize rows [m0, m1) of a (M, ldx) matrix of dtype dt, converting 16-bit rows to
-// float first. xq rows have stride ldq; a and xsum (if non-null) get one value per row.
+// float first (and normalising them first if norm is non-null). xq rows have stride ldq;
+// a and xsum (if non-null) get one value per row.
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
-                   int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum);
+                   int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum,
+                   const RowNorm* norm = nullptr);
+
+// The squared-ReLU gate of BitNet's MLP over n elements of dtype dt, in place (the Kernels
+// table's relu2_gate): g = round_dt(round_dt(relu(g)^2) * u), the roundings of transformers'
+// relu2(gate) * up. The SIMD versions (gate_avx2.cpp, gate_avx512.cpp) finish their tails with
+// the portable one.
+void relu2_gate_scalar(void* g, const void* u, DType dt, int64_t n);
+#if defined(__x86_64__) || defined(_M_X64)
+void relu2_gate_avx2(void* g, const void* u, DType dt, int64_t n);
+void relu2_gate_avx512(void* g, const void* u, DType dt, int64_t n);
+#endif
 
 // ---- int8 per-row weights (int8_scalar.cpp, int8_avx2.cpp, int8_avx512.cpp) ----
 

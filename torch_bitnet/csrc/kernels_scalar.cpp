@@ -66,25 +66,103 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 }  // namespace
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
-                                int8_gemm_scalar, int4_gemm_scalar};
+                                int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar};
+
+namespace {
+
+// RowNorm (kernels.h) of one float row of k values, in place.
+void rms_norm_row(float* row, int64_t k, DType dt, const RowNorm& norm) {
+  // Four independent sums: the loop runs at the adder's throughput, not its latency.
+  double s[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= k; i += 4)
+    for (int j = 0; j < 4; ++j) s[j] += double(row[i + j]) * double(row[i + j]);
+  for (; i < k; ++i) s[0] += double(row[i]) * double(row[i]);
+  const float var = float((s[0] + s[1] + s[2] + s[3]) / double(k));
+  const float r = float(1.0 / std::sqrt(double(var + norm.eps)));
+  switch (dt) {  // one loop per dtype, so each compiles to straight-line (vectorisable) code
+    case DType::BF16: {
+      const uint16_t* w = static_cast<const uint16_t*>(norm.weight);
+      for (int64_t j = 0; j < k; ++j) {
+        const float h = bf16_to_float(float_to_bf16(row[j] * r));
+        row[j] = bf16_to_float(float_to_bf16(bf16_to_float(w[j]) * h));
+      }
+      break;
+    }
+    case DType::F16: {
+      const uint16_t* w = static_cast<const uint16_t*>(norm.weight);
+      for (int64_t j = 0; j < k; ++j) {
+        const float h = f16_to_float(float_to_f16(row[j] * r));
+        row[j] = f16_to_float(float_to_f16(f16_to_float(w[j]) * h));
+      }
+      break;
+    }
+    case DType::F32: {
+      const float* w = static_cast<const float*>(norm.weight);
+      for (int64_t j = 0; j < k; ++j) row[j] = w[j] * (row[j] * r);
+      break;
+    }
+  }
+}
+
+}  // namespace
 
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
-                   int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum) {
-  std::vector<float> row(dt == DType::F32 ? 0 : size_t(k));
+                   int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum,
+                   const RowNorm* norm) {
+  const bool direct = dt == DType::F32 && norm == nullptr;  // quantize the input rows in place
+  std::vector<float> row(direct ? 0 : size_t(k));
   int32_t unused_sum;
   for (int64_t m = m0; m < m1; ++m) {
     const float* src;
-    if (dt == DType::F32) {
+    if (direct) {
       src = static_cast<const float*>(x) + m * ldx;
     } else {
-      const uint16_t* h = static_cast<const uint16_t*>(x) + m * ldx;
-      if (dt == DType::BF16)
-        for (int64_t i = 0; i < k; ++i) row[i] = bf16_to_float(h[i]);
-      else
-        for (int64_t i = 0; i < k; ++i) row[i] = f16_to_float(h[i]);
+      if (dt == DType::F32) {
+        std::memcpy(row.data(), static_cast<const float*>(x) + m * ldx, size_t(k) * sizeof(float));
+      } else {
+        const uint16_t* h = static_cast<const uint16_t*>(x) + m * ldx;
+        if (dt == DType::BF16)
+          for (int64_t i = 0; i < k; ++i) row[i] = bf16_to_float(h[i]);
+        else
+          for (int64_t i = 0; i < k; ++i) row[i] = f16_to_float(h[i]);
+      }
+      if (norm) rms_norm_row(row.data(), k, dt, *norm);
       src = row.data();
     }
     a[m] = kern.quantize_row(src, k, k_pad, xq + m * ldq, xsum ? xsum + m : &unused_sum);
+  }
+}
+
+void relu2_gate_scalar(void* g, const void* u, DType dt, int64_t n) {
+  switch (dt) {
+    case DType::BF16: {
+      uint16_t* gp = static_cast<uint16_t*>(g);
+      const uint16_t* up = static_cast<const uint16_t*>(u);
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = std::max(bf16_to_float(gp[i]), 0.f);
+        gp[i] = float_to_bf16(bf16_to_float(float_to_bf16(r * r)) * bf16_to_float(up[i]));
+      }
+      break;
+    }
+    case DType::F16: {
+      uint16_t* gp = static_cast<uint16_t*>(g);
+      const uint16_t* up = static_cast<const uint16_t*>(u);
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = std::max(f16_to_float(gp[i]), 0.f);
+        gp[i] = float_to_f16(f16_to_float(float_to_f16(r * r)) * f16_to_float(up[i]));
+      }
+      break;
+    }
+    case DType::F32: {
+      float* gp = static_cast<float*>(g);
+      const float* up = static_cast<const float*>(u);
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = std::max(gp[i], 0.f);
+        gp[i] = (r * r) * up[i];
+      }
+      break;
+    }
   }
 }
 

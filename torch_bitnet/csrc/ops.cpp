@@ -85,14 +85,16 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// Quantize a contiguous (M, K) float matrix into xq (M, Kp) with scales a and row sums.
-void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* xq, float* a, int32_t* xsum) {
+// Quantize a contiguous (M, K) float matrix into xq (M, Kp) with scales a and row sums,
+// normalising each row first if norm is non-null.
+void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* xq, float* a, int32_t* xsum,
+                       const RowNorm* norm = nullptr) {
   const Kernels& kern = kernels();
   const DType dt = dtype_of(x2d, "input");
   const void* src = x2d.data_ptr();
   const int64_t m = x2d.size(0);
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 16) / k), [&](int64_t m0, int64_t m1) {
-    quantize_rows(kern, src, dt, k, m0, m1, k, k_pad, xq, k_pad, a, xsum);
+    quantize_rows(kern, src, dt, k, m0, m1, k, k_pad, xq, k_pad, a, xsum, norm);
   });
 }
 
@@ -107,10 +109,20 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0 * row_tile, std::min(n, t1 * row_tile)); });
 }
 
-// Run p over all N output rows.
-void gemm_parallel(const GemmProblem& p, int64_t n) {
+// Run each problem ps[i] over its ns[i] output rows, all in one parallel region: the row
+// tiles of every problem (same M and Kp) form one range split over the threads, so a layer's
+// q/k/v or gate/up products cost one fork/join, and a thread's range may span two weights.
+void gemm_parallel(const std::vector<GemmProblem>& ps, const std::vector<int64_t>& ns) {
   const Kernels& kern = kernels();
-  parallel_rows(n, p.m * p.k_pad, kRowTile, [&](int64_t n0, int64_t n1) { kern.gemm(p, n0, n1); });
+  std::vector<int64_t> first(ps.size() + 1, 0);  // index of each problem's first tile
+  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ns[i] + kRowTile - 1) / kRowTile;
+  parallel_rows(first.back() * kRowTile, ps[0].m * ps[0].k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
+    const int64_t t0 = r0 / kRowTile, t1 = (r1 + kRowTile - 1) / kRowTile;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+      if (a < b) kern.gemm(ps[i], (a - first[i]) * kRowTile, std::min(ns[i], (b - first[i]) * kRowTile));
+    }
+  });
 }
 
 // bias (optional, (out_features,), any float dtype) as a contiguous float32 tensor, or undefined.
@@ -163,52 +175,157 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   p.k_pad = k_pad;
   p.ep.acc = out.data_ptr<int32_t>();
   p.ep.ld = out_features;
-  gemm_parallel(p, out_features);
+  gemm_parallel({p}, {out_features});
   return out;
 }
 
+void check_scale(const at::Tensor& scale, const char* what) {
+  check_cpu(scale, what);
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.numel() == 1, "bitnet: ", what,
+                    " must be a float32 tensor with one element, got ", scale.scalar_type(), " of shape ",
+                    scale.sizes());
+}
+
+// The optional fused RMSNorm weight: (in_features,) of the input's dtype, made contiguous.
+at::Tensor norm_weight_of(const std::optional<at::Tensor>& norm_weight, const at::Tensor& x, int64_t in_features) {
+  if (!norm_weight.has_value()) return at::Tensor();
+  check_cpu(*norm_weight, "norm_weight");
+  TORCH_CHECK_TYPE(norm_weight->scalar_type() == x.scalar_type(), "bitnet: norm_weight must have the input's dtype ",
+                   x.scalar_type(), ", got ", norm_weight->scalar_type());
+  TORCH_CHECK_VALUE(norm_weight->dim() == 1 && norm_weight->size(0) == in_features, "bitnet: norm_weight has shape ",
+                    norm_weight->sizes(), ", expected [", in_features, "]");
+  return norm_weight->contiguous();
+}
+
+// The input of a bitlinear-family op, (optionally normalised and) quantized once for every
+// weight it is multiplied with: xq (M, Kp) int8, a (M) float32, xsum (M) int32, in one
+// scratch allocation.
+struct QuantizedInput {
+  at::Tensor scratch;
+  int8_t* xq = nullptr;
+  float* a = nullptr;
+  int32_t* xsum = nullptr;
+  int64_t m = 0;
+  int64_t k_pad = 0;
+};
+
+QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, const at::Tensor& norm_weight,
+                              double norm_eps) {
+  QuantizedInput q;
+  q.m = x.numel() / in_features;
+  q.k_pad = pad_k(in_features);
+  q.scratch = at::empty({q.m * q.k_pad + 8 * q.m + 64}, x.options().dtype(at::kByte));
+  q.xq = reinterpret_cast<int8_t*>(q.scratch.data_ptr<uint8_t>());
+  q.a = reinterpret_cast<float*>(q.xq + (q.m * q.k_pad + 63) / 64 * 64);
+  q.xsum = reinterpret_cast<int32_t*>(q.a + q.m);
+  RowNorm norm;
+  if (norm_weight.defined()) {
+    TORCH_CHECK_VALUE(norm_eps >= 0, "bitnet: norm_eps must be >= 0, got ", norm_eps);
+    norm.weight = norm_weight.data_ptr();
+    norm.eps = float(norm_eps);
+  }
+  quantize_parallel(x.contiguous().view({q.m, in_features}), in_features, q.k_pad, q.xq, q.a, q.xsum,
+                    norm_weight.defined() ? &norm : nullptr);
+  return q;
+}
+
+// outs[i] (M, out_features[i]) of its dtype = the ternary product of the quantized input
+// with packed[i], times scales[i] / a_m, plus bias (float32 or undefined; first weight only):
+// every product in one parallel region.
+void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList scales, const at::Tensor& bias,
+                  std::vector<at::Tensor>& outs, at::IntArrayRef out_features) {
+  const size_t n = packed.size();
+  std::vector<float> factors(n * size_t(q.m));  // (n, M): scale_i / a_m
+  std::vector<at::Tensor> weights(n);
+  std::vector<GemmProblem> ps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const float s = scales[i].item<float>();
+    for (int64_t m = 0; m < q.m; ++m) factors[i * q.m + m] = s / q.a[m];
+    weights[i] = packed[i].contiguous();
+    GemmProblem& p = ps[i];
+    p.xq = q.xq;
+    p.ldq = q.k_pad;
+    p.xsum = q.xsum;
+    p.w = weights[i].data_ptr<uint8_t>();
+    p.ldw = q.k_pad / 4;
+    p.m = q.m;
+    p.k_pad = q.k_pad;
+    p.ep.out = outs[i].data_ptr();
+    p.ep.out_dtype = dtype_of(outs[i], "output");
+    p.ep.row_factor = factors.data() + i * q.m;
+    p.ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.ep.ld = out_features[i];
+  }
+  gemm_parallel(ps, std::vector<int64_t>(out_features.begin(), out_features.end()));
+}
+
 at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                         const std::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features) {
+                         const std::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features,
+                         const std::optional<at::Tensor>& norm_weight, double norm_eps) {
   check_sizes(in_features, out_features);
-  const DType dt = dtype_of(x, "bitlinear input");
+  dtype_of(x, "bitlinear input");
   check_input(x, in_features, "bitlinear input");
   check_packed(packed, in_features, out_features);
-  check_cpu(scale, "weight scale");
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.numel() == 1,
-                    "bitnet: weight scale must be a float32 tensor with one element, got ", scale.scalar_type(),
-                    " of shape ", scale.sizes());
+  check_scale(scale, "weight scale");
   const at::Tensor bias_f = float_bias(bias, out_features);
+  const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
-  const int64_t m = x.numel() / in_features;
-  if (m == 0) return out;
+  if (out.numel() == 0) return out;
+  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  std::vector<at::Tensor> outs{out};
+  ternary_into(q, packed, scale, bias_f, outs, out_features);
+  return out;
+}
 
-  const int64_t k_pad = pad_k(in_features);
-  const auto x2d = x.contiguous().view({m, in_features});
-  // One scratch allocation: xq (M, Kp) int8, then a, factor (M) float and xsum (M) int32.
-  auto scratch = at::empty({m * k_pad + 12 * m + 64}, x.options().dtype(at::kByte));
-  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
-  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
-  float* factor = a + m;
-  int32_t* xsum = reinterpret_cast<int32_t*>(factor + m);
-  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
-  const float s = scale.item<float>();
-  for (int64_t i = 0; i < m; ++i) factor[i] = s / a[i];
+// One input (optionally normalised), quantized once, times several packed weights (q/k/v).
+std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList scales,
+                                             int64_t in_features, at::IntArrayRef out_features,
+                                             const std::optional<at::Tensor>& norm_weight, double norm_eps) {
+  const int64_t n = int64_t(packed.size());
+  TORCH_CHECK_VALUE(n >= 1 && int64_t(scales.size()) == n && int64_t(out_features.size()) == n,
+                    "bitnet: bitlinear_shared needs as many weights, scales and out_features (at least one), got ",
+                    n, ", ", scales.size(), " and ", out_features.size());
+  dtype_of(x, "bitlinear_shared input");
+  check_input(x, in_features, "bitlinear_shared input");
+  for (int64_t i = 0; i < n; ++i) {
+    check_sizes(in_features, out_features[i]);
+    check_packed(packed[i], in_features, out_features[i]);
+    check_scale(scales[i], "weight scale");
+  }
+  const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
+  std::vector<at::Tensor> outs;
+  for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
+  if (x.numel() == 0) return outs;
+  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  ternary_into(q, packed, scales, at::Tensor(), outs, out_features);
+  return outs;
+}
 
-  GemmProblem p;
-  p.xq = xq;
-  p.ldq = k_pad;
-  p.xsum = xsum;
-  const auto w = packed.contiguous();
-  p.w = w.data_ptr<uint8_t>();
-  p.ldw = k_pad / 4;
-  p.m = m;
-  p.k_pad = k_pad;
-  p.ep.out = out.data_ptr();
-  p.ep.out_dtype = dt;
-  p.ep.row_factor = factor;
-  p.ep.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  p.ep.ld = out_features;
-  gemm_parallel(p, out_features);
+// BitNet's MLP input side: relu(gate(x))^2 * up(x) with x (optionally normalised) quantized once.
+at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& gate_scale,
+                                   const at::Tensor& up, const at::Tensor& up_scale, int64_t in_features,
+                                   int64_t out_features, const std::optional<at::Tensor>& norm_weight,
+                                   double norm_eps) {
+  check_sizes(in_features, out_features);
+  const DType dt = dtype_of(x, "bitlinear_relu2_glu input");
+  check_input(x, in_features, "bitlinear_relu2_glu input");
+  check_packed(gate, in_features, out_features);
+  check_packed(up, in_features, out_features);
+  check_scale(gate_scale, "gate weight scale");
+  check_scale(up_scale, "up weight scale");
+  const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
+  auto out = at::empty(with_last(x.sizes(), out_features), x.options());
+  if (out.numel() == 0) return out;
+  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  std::vector<at::Tensor> gu{out, at::empty_like(out)};  // gate (gated in place), up
+  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, {out_features, out_features});
+  const at::Tensor& u = gu[1];
+  const int64_t elem = out.element_size();
+  char* g = static_cast<char*>(out.data_ptr());
+  const char* up_p = static_cast<const char*>(u.data_ptr());
+  at::parallel_for(0, out.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    kernels().relu2_gate(g + i0 * elem, up_p + i0 * elem, dt, i1 - i0);
+  });
   return out;
 }
 
@@ -629,8 +746,14 @@ TORCH_LIBRARY(bitnet, m) {
   m.def("quantize_act(Tensor x) -> (Tensor, Tensor)");
   m.def("ternary_mm(Tensor xq, Tensor packed, int in_features, int out_features) -> Tensor");
   m.def(
-      "bitlinear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int out_features) "
-      "-> Tensor");
+      "bitlinear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int out_features, "
+      "Tensor? norm_weight=None, float norm_eps=1e-06) -> Tensor");
+  m.def(
+      "bitlinear_shared(Tensor x, Tensor[] packed, Tensor[] scales, int in_features, int[] out_features, "
+      "Tensor? norm_weight=None, float norm_eps=1e-06) -> Tensor[]");
+  m.def(
+      "bitlinear_relu2_glu(Tensor x, Tensor gate, Tensor gate_scale, Tensor up, Tensor up_scale, int in_features, "
+      "int out_features, Tensor? norm_weight=None, float norm_eps=1e-06) -> Tensor");
   m.def("stream_max(Tensor buf) -> Tensor");
   m.def(
       "int8_linear(Tensor x, Tensor weight, Tensor scale, int in_features, int out_features, Tensor? bias=None) "
@@ -656,6 +779,8 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("quantize_act", &tbn::quantize_act_cpu);
   m.impl("ternary_mm", &tbn::ternary_mm_cpu);
   m.impl("bitlinear", &tbn::bitlinear_cpu);
+  m.impl("bitlinear_shared", &tbn::bitlinear_shared_cpu);
+  m.impl("bitlinear_relu2_glu", &tbn::bitlinear_relu2_glu_cpu);
   m.impl("stream_max", &tbn::stream_max_cpu);
   m.impl("int8_linear", &tbn::int8_linear_cpu);
   m.impl("int8_embedding", &tbn::int8_embedding_cpu);

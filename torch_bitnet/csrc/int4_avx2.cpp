@@ -25,9 +25,6 @@
 namespace tbn {
 namespace {
 
-// Software prefetch distance of the streaming tiles, bytes ahead (as in int8_avx2.cpp).
-constexpr int64_t kPrefetchAhead = 16384;
-
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -60,15 +57,13 @@ TB_AVX2_INLINE void transpose8(__m256i (&v)[8]) {
   for (int i = 0; i < 8; ++i) v[i] = t[i];
 }
 
-// MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. Stream (the tile's first
-// pass: token tile 0, half 0): the tile's lines come from DRAM; prefetch each line
-// kPrefetchAhead bytes ahead into L2. The second half and later token tiles find it in L1 / L2.
-template <int MR, bool Stream>
+// MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. The tile's first pass
+// (token tile 0, half 0) reads it from DRAM as one sequential stream, left to the hardware
+// prefetcher (see int4_avx512.cpp); the second half and later token tiles find it in L1 / L2.
+template <int MR>
 TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int rows) {
   const int64_t groups = p.k_pad / kInt4Group;
-  const uint8_t* tile_start = p.w + t * (kInt4Tile * p.k_pad / 2);
-  const uint8_t* w = tile_start + 32 * h;
-  const char* pf = reinterpret_cast<const char*>(tile_start) + kPrefetchAhead;
+  const uint8_t* w = p.w + t * (kInt4Tile * p.k_pad / 2) + 32 * h;  // half h of each line
   const uint16_t* scales = p.w_scale + (t * kInt4Tile + 8 * h) * groups;  // row 16 t + 8 h's, ...
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 s[MR];
@@ -103,7 +98,6 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const int64_t line = 4 * (g + gh) + c;
-        if constexpr (Stream) _mm_prefetch(pf + 64 * line, _MM_HINT_T1);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * line));
         const __m256i lo = _mm256_and_si256(v, low4);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
@@ -134,11 +128,8 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
 constexpr int kMR = 4;
 using HalfFn = void (*)(const Int4Problem&, int64_t, int64_t, int, int);
 // 16 ymm registers: 4 accumulators, 4 sums, the two nibble planes, the line and two constants.
-// [streaming][tokens left (1 .. kMR) - 1].
-constexpr HalfFn kHalves[2][kMR] = {
-    {half_tile<1, false>, half_tile<2, false>, half_tile<3, false>, half_tile<4, false>},
-    {half_tile<1, true>, half_tile<2, true>, half_tile<3, true>, half_tile<4, true>},
-};
+// By tokens left (1 .. kMR) - 1.
+constexpr HalfFn kHalves[kMR] = {half_tile<1>, half_tile<2>, half_tile<3>, half_tile<4>};
 
 }  // namespace
 
@@ -153,7 +144,7 @@ void int4_gemm_avx2(const Int4Problem& p, int64_t n0, int64_t n1) {
         const int rows = int(std::min<int64_t>(8, n1 - n - 8 * h));
         if (rows <= 0) break;
         for (int64_t m = m0; m < m1; m += kMR)
-          kHalves[m == m0 && h == 0][std::min<int64_t>(kMR, m1 - m) - 1](p, m, n / kInt4Tile, h, rows);
+          kHalves[std::min<int64_t>(kMR, m1 - m) - 1](p, m, n / kInt4Tile, h, rows);
       }
   }
 }

@@ -45,7 +45,8 @@ Why these choices:
   planes unpack with one shift and a mask, and a tile is one contiguous stream of
   16 x Kp / 2 bytes (decode reads the table in a single sequential pass per tile);
 * scales by logical row, (N, Kp / 32): N is explicit (the embedding checks ids against it),
-  and row n's scales are one contiguous run; the kernels fetch a tile's 16 rows with a gather.
+  and row n's scales are one contiguous run; the kernels load a tile's 16 runs (32 groups at a
+  time) and transpose them in registers, so a group's 16 scales sit one per lane, like its sums.
 
 One pair of buffers serves both ops: the embedding reads row ``id`` (``int4_embedding``), the
 lm_head multiplies by all of them (``int4_linear``), so a tied model stores the table once.

@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""Benchmark the int8 lm_head (``torch_bitnet.int8_linear``) against F.linear and a read-bandwidth yardstick.
+"""Benchmark the int8 and int4 lm_heads (``int8_linear``, ``int4_linear``) against F.linear and a bandwidth yardstick.
 
     python benchmarks/bench_lm_head.py                      # 2B-4T lm_head, M = 1 and 512, 1 and 2 threads
     python benchmarks/bench_lm_head.py --rounds 5 --json lm_head.json
     python benchmarks/bench_lm_head.py --quick              # smoke run, well under a minute
 
 The shape is microsoft/bitnet-b1.58-2B-4T's tied lm_head: vocab 128256 x hidden 2560
-(``--vocab``, ``--hidden``). The table is a random bf16 matrix, quantized once with
-``quantize_int8_rows`` (328 MB of int8 codes); F.linear gets the same table in bf16 (657 MB) and
-in fp32 (1.3 GB). M is the number of tokens: 1 is a decode step, 512 a prefill that computes
-every position's logits. Activations are bf16 for ours and bf16 F.linear, fp32 for fp32 F.linear.
+(``--vocab``, ``--hidden``). The table is a random bf16 matrix, quantized once with ``quantize_int8_rows``
+(328 MB of int8 codes + row scales) and once with ``quantize_int4_rows`` (185 MB of int4 codes +
+bf16 group scales); F.linear gets the same table in bf16 (657 MB) and in fp32 (1.3 GB). M is the
+number of tokens: 1 is a decode step, 512 a prefill that computes every position's logits.
+Activations are bf16 for int8, int4 and bf16 F.linear, fp32 for fp32 F.linear.
 
 For each thread count, in every round and at every M, one process times:
 
-* ours      ``int8_linear`` (bf16 in, bf16 out), and its weight read rate = code bytes / time
+* int8      ``int8_linear`` (bf16 in, bf16 out), and its weight read rate = table bytes / time
             (meaningful at small M, where the op is memory-bound; M = 512 is compute-bound);
-* yardstick ``stream_max`` over the same 328 MB of codes: one sequential read with the widest
-            loads, what "streaming the weight at memory speed" means here; ours/yd = our rate as a
-            fraction of it (the target at M = 1 is >= 80%);
-* F.linear  in bf16 and in fp32 on the same table, reported as F.linear time / our time.
+* int4      ``int4_linear`` the same way; 8/4 = int8 time / int4 time;
+* yardstick ``stream_max`` over the 328 MB of int8 codes: one sequential read with the widest
+            loads, what "streaming the weight at memory speed" means here; /yd = an op's rate as
+            a fraction of it (the target at M = 1 is >= 80%);
+* F.linear  in bf16 and in fp32 on the same table, reported as F.linear time / int8 time and
+            / int4 time.
 
 Cold weights: every table is several times the L3 cache, so each call reads it from DRAM (the
 previous call's tail is all the cache holds, and a call starts at the head). Timing: the
@@ -94,44 +97,53 @@ def measure(fn: Callable[[], object], args: argparse.Namespace) -> float:
     return statistics.median(times)
 
 
+def table_bytes(tables: dict, head: str) -> int:
+    """Bytes an lm_head op reads: codes and scales."""
+    return sum(t.numel() * t.element_size() for t in tables[head])
+
+
 def bench_round(m: int, tables: dict, args: argparse.Namespace, gen: torch.Generator) -> dict:
     """One measurement of every op at M tokens."""
-    codes, scale, w16, w32 = tables["codes"], tables["scale"], tables["bf16"], tables["fp32"]
+    (codes8, scale8), (codes4, scale4), w16, w32 = tables["int8"], tables["int4"], tables["bf16"], tables["fp32"]
     n, k = args.vocab, args.hidden
     x16 = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     x32 = x16.float()
-    flat = codes.view(-1)
-    t_ours = measure(lambda: tb.int8_linear(x16, codes, scale, k, n), args)
+    flat = codes8.view(-1)
+    t8 = measure(lambda: tb.int8_linear(x16, codes8, scale8, k, n), args)
+    t4 = measure(lambda: tb.int4_linear(x16, codes4, scale4, k, n), args)
     t_yard = measure(lambda: tb.stream_max(flat), args)
     t_bf16 = measure(lambda: F.linear(x16, w16), args)
     t_fp32 = measure(lambda: F.linear(x32, w32), args)
-    nbytes = codes.numel()
-    return {
-        "m": m,
-        "threads": torch.get_num_threads(),
-        "load_avg_1min": os.getloadavg()[0],
-        "ours_ms": t_ours * 1e3,
-        "ours_gbs": nbytes / t_ours / 1e9,
-        "yard_gbs": nbytes / t_yard / 1e9,
-        "ours_vs_yard": t_yard / t_ours,
+    yard_gbs = flat.numel() / t_yard / 1e9
+    row = {"m": m, "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0], "yard_gbs": yard_gbs}
+    for head, t in (("int8", t8), ("int4", t4)):
+        gbs = table_bytes(tables, head) / t / 1e9
+        row |= {f"{head}_ms": t * 1e3, f"{head}_gbs": gbs, f"{head}_vs_yard": gbs / yard_gbs}
+    return row | {
+        "int4_speedup": t8 / t4,
         "bf16_ms": t_bf16 * 1e3,
-        "bf16_speedup": t_bf16 / t_ours,
+        "bf16_vs_int8": t_bf16 / t8,
+        "bf16_vs_int4": t_bf16 / t4,
         "fp32_ms": t_fp32 * 1e3,
-        "fp32_speedup": t_fp32 / t_ours,
+        "fp32_vs_int8": t_fp32 / t8,
+        "fp32_vs_int4": t_fp32 / t4,
     }
 
 
 HEAD = (
-    f"{'thr':>3} {'M':>4} {'load':>5} | {'ours ms':>9} {'GB/s':>6} | {'yard GB/s':>9} {'ours/yd':>7} | "
-    f"{'bf16 ms':>9} {'x':>6} | {'fp32 ms':>9} {'x':>6}"
+    f"{'thr':>3} {'M':>4} {'load':>5} | {'yard GB/s':>9} | {'int8 ms':>8} {'GB/s':>5} {'/yd':>4} | "
+    f"{'int4 ms':>8} {'GB/s':>5} {'/yd':>4} {'8/4':>5} | {'bf16 ms':>8} {'/int8':>6} {'/int4':>6} | "
+    f"{'fp32 ms':>8} {'/int8':>6} {'/int4':>6}"
 )
 
 
 def format_row(r: dict) -> str:
     return (
-        f"{r['threads']:>3} {r['m']:>4} {r['load_avg_1min']:5.2f} | {r['ours_ms']:9.2f} {r['ours_gbs']:6.1f} | "
-        f"{r['yard_gbs']:9.1f} {r['ours_vs_yard']:6.0%} | {r['bf16_ms']:9.2f} {r['bf16_speedup']:5.1f}x | "
-        f"{r['fp32_ms']:9.2f} {r['fp32_speedup']:5.1f}x"
+        f"{r['threads']:>3} {r['m']:>4} {r['load_avg_1min']:5.2f} | {r['yard_gbs']:9.1f} | "
+        f"{r['int8_ms']:8.2f} {r['int8_gbs']:5.1f} {r['int8_vs_yard']:4.0%} | "
+        f"{r['int4_ms']:8.2f} {r['int4_gbs']:5.1f} {r['int4_vs_yard']:4.0%} {r['int4_speedup']:4.2f}x | "
+        f"{r['bf16_ms']:8.2f} {r['bf16_vs_int8']:5.1f}x {r['bf16_vs_int4']:5.1f}x | "
+        f"{r['fp32_ms']:8.2f} {r['fp32_vs_int8']:5.1f}x {r['fp32_vs_int4']:5.1f}x"
     )
 
 
@@ -150,14 +162,18 @@ def main() -> None:
     print(f"CPU: {header['cpu']} | threads: {args.threads} | torch {header['torch']} | ISA: {isa}")
     gen = torch.Generator().manual_seed(0)
     w16 = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
-    codes, scale = tb.quantize_int8_rows(w16)
-    tables = {"codes": codes, "scale": scale, "bf16": w16, "fp32": w16.float()}
+    tables = {"int8": tb.quantize_int8_rows(w16), "int4": tb.quantize_int4_rows(w16), "bf16": w16, "fp32": w16.float()}
     print(
-        f"lm_head {n} x {k}: int8 codes {codes.numel() / 1e6:.0f} MB, bf16 {w16.numel() * 2 / 1e6:.0f} MB, "
-        f"fp32 {w16.numel() * 4 / 1e6:.0f} MB (cold: each > L3); date {header['date']}; "
-        f"load avg before start {header['load_avg_1min']:.2f}"
+        f"lm_head {n} x {k}: int8 {table_bytes(tables, 'int8') / 1e6:.0f} MB, "
+        f"int4 {table_bytes(tables, 'int4') / 1e6:.0f} MB, "
+        f"bf16 {w16.numel() * 2 / 1e6:.0f} MB, fp32 {w16.numel() * 4 / 1e6:.0f} MB (cold: each > L3); "
+        f"date {header['date']}; load avg before start {header['load_avg_1min']:.2f}"
     )
-    print("ours = int8_linear bf16 -> bf16; GB/s = code bytes / time; yard = stream_max over the codes; x = F.linear time / ours")
+    print(
+        "int8 / int4 = int8_linear / int4_linear bf16 -> bf16; GB/s = table bytes (codes + scales) / time; "
+        "yard = stream_max over the int8 codes; /yd = GB/s / yard; 8/4 = int8 time / int4 time; "
+        "/int8, /int4 = F.linear time / that op's time"
+    )
     print()
     print(HEAD)
     rows = []
@@ -181,11 +197,13 @@ def main() -> None:
         print(format_row(best[key]))
     for (threads, m), r in sorted(best.items()):
         if m == 1:
-            verdict = "meets" if r["ours_vs_yard"] >= TARGET_STREAM_FRACTION else "misses"
-            print(
-                f"M=1, {threads} thread(s): {r['ours_vs_yard']:.0%} of the yardstick ({verdict} the "
-                f">= {TARGET_STREAM_FRACTION:.0%} target), {r['bf16_speedup']:.1f}x faster than bf16 F.linear"
-            )
+            for head in ("int8", "int4"):
+                verdict = "meets" if r[f"{head}_vs_yard"] >= TARGET_STREAM_FRACTION else "misses"
+                print(
+                    f"M=1, {threads} thread(s), {head}: {r[f'{head}_vs_yard']:.0%} of the yardstick ({verdict} the "
+                    f">= {TARGET_STREAM_FRACTION:.0%} target), {r[f'bf16_vs_{head}']:.1f}x faster than bf16 F.linear"
+                )
+            print(f"M=1, {threads} thread(s): int4 {r['int4_speedup']:.2f}x faster than int8")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")

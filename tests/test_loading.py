@@ -165,7 +165,7 @@ def test_lm_head_forms_save_load_and_convert(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="stores an int8 embedding"):
         torch_bitnet.from_pretrained(tmp_path / "int8", lm_head="bf16")
     with pytest.raises(ValueError, match="lm_head must be one of"):
-        torch_bitnet.from_pretrained(src, lm_head="int4")
+        torch_bitnet.from_pretrained(src, lm_head="int2")
     converted = torch_bitnet.convert_checkpoint(src, tmp_path / "conv", dtype=torch.float32, lm_head="int8",
                                                 progress=False)
     assert (converted / PACKED_FILE).stat().st_size < (tmp_path / "bf16" / PACKED_FILE).stat().st_size

@@ -6,14 +6,17 @@ Public API:
   :func:`ternary_mm`, :func:`bitlinear` (optionally with its input's RMSNorm fused in), the
   shared-input forms :func:`bitlinear_shared` (q/k/v) and :func:`bitlinear_relu2_glu`
   (gate/up + squared-ReLU gating), :func:`stream_max`, the int8 lm_head / embedding
-  ops :func:`int8_linear`, :func:`int8_embedding`, and the int8 KV cache ops
+  ops :func:`int8_linear`, :func:`int8_embedding`, their compact int4 counterparts
+  :func:`int4_linear`, :func:`int4_embedding`, and the int8 KV cache ops
   :func:`kv_cache_write`, :func:`int8_attention`
 * the packed weight format: :mod:`torch_bitnet.packing`; the int8 per-row table of the
-  lm_head / embedding: :mod:`torch_bitnet.int8` (:func:`quantize_int8_rows`)
+  lm_head / embedding: :mod:`torch_bitnet.int8` (:func:`quantize_int8_rows`), and the int4
+  group table: :mod:`torch_bitnet.int4` (:func:`quantize_int4_rows`)
 * plain-PyTorch semantics of every op: :mod:`torch_bitnet.reference`
 * SIMD path control: :func:`available_isas`, :func:`get_isa`, :func:`set_isa`, :func:`use_isa`
 * models: :class:`BitLinear` (the module), :class:`Int8Embedding` / :class:`Int8Linear` (the
-  int8 embedding table and lm_head, tied with :meth:`Int8Linear.tied_to`), :func:`patch`
+  int8 embedding table and lm_head, tied with :meth:`Int8Linear.tied_to`), their int4
+  counterparts :class:`Int4Embedding` / :class:`Int4Linear`, :func:`patch`
   (transformers BitNet models), :func:`replace_linear` (plain nn.Linear layers), :func:`fuse_layers`
   (BitNet decoder layers as four fused ops; done by ``patch`` / ``from_pretrained``), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
@@ -22,18 +25,21 @@ Public API:
   :mod:`torch_bitnet.kv_cache`, :func:`set_kv_cache_dtype`
 """
 
-from . import int8, kv_cache, packing, reference
+from . import int4, int8, kv_cache, packing, reference
 from .fuse import fuse_layers
 from .generate import GenerationResult, generate
 from .kv_cache import set_kv_cache_dtype
 from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
+from .int4 import dequantize_int4_rows, quantize_int4_rows
 from .int8 import dequantize_int8_rows, quantize_int8_rows
-from .nn import BitLinear, Int8Embedding, Int8Linear
+from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .ops import (
     bitlinear,
     bitlinear_relu2_glu,
     bitlinear_shared,
+    int4_embedding,
+    int4_linear,
     int8_attention,
     int8_embedding,
     int8_linear,
@@ -49,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitLinear",
+    "Int4Embedding",
+    "Int4Linear",
     "Int8Embedding",
     "Int8Linear",
     "available_isas",
@@ -56,7 +64,11 @@ __all__ = [
     "from_pretrained",
     "GenerationResult",
     "generate",
+    "dequantize_int4_rows",
     "dequantize_int8_rows",
+    "int4",
+    "int4_embedding",
+    "int4_linear",
     "int8",
     "int8_attention",
     "int8_embedding",
@@ -75,6 +87,7 @@ __all__ = [
     "pack_ternary",
     "packing",
     "quantize_act",
+    "quantize_int4_rows",
     "quantize_int8_rows",
     "reference",
     "set_isa",

@@ -95,12 +95,12 @@ def prepare_checkpoint(
             write_checkpoint(hf_dir, bitnet_config(), mode="offline", seed=0, progress=True)
         print(f"converting it to torch_bitnet's packed layout in {ours_dir} (once)", file=sys.stderr)
         convert_checkpoint(hf_dir, ours_dir, dtype=torch.bfloat16, progress=True)
-    if lm_head == "int8":  # stored quantized: loads without quantizing the 657 MB table
-        int8_dir = workdir / "2b4t-torch_bitnet-int8"
-        if not (int8_dir / "config.json").is_file():
-            print(f"storing its int8 embedding / lm_head in {int8_dir} (once)", file=sys.stderr)
-            convert_checkpoint(ours_dir, int8_dir, dtype=torch.bfloat16, progress=True, lm_head="int8")
-        ours_dir = int8_dir
+    if lm_head != "bf16":  # stored quantized: loads without quantizing the 657 MB table
+        quantized_dir = workdir / f"2b4t-torch_bitnet-{lm_head}"
+        if not (quantized_dir / "config.json").is_file():
+            print(f"storing its {lm_head} embedding / lm_head in {quantized_dir} (once)", file=sys.stderr)
+            convert_checkpoint(ours_dir, quantized_dir, dtype=torch.bfloat16, progress=True, lm_head=lm_head)
+        ours_dir = quantized_dir
     if not transformers_copy:
         return ours_dir, None
     bitlinear_dir = workdir / "2b4t-bitlinear"
@@ -389,8 +389,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decoded tokens (default 128)")
     parser.add_argument("--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
                         help="KV cache storage (default: $BITNET_KV_CACHE_DTYPE or int8)")
-    parser.add_argument("--lm-head", choices=("int8", "bf16"), default="int8",
-                        help="embedding / lm_head table: int8 per row (default) or bf16 as stored (exact)")
+    parser.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8",
+                        help="embedding / lm_head table: int8 per row (default), int4 in groups of 32, or bf16 as "
+                        "stored (exact)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",
                         help="also run transformers' own BitNet path on the same weights (slow: few decode tokens)")

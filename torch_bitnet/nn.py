@@ -5,6 +5,8 @@
 * ``Int8Embedding`` / ``Int8Linear``: an int8 per-row table (:mod:`torch_bitnet.int8`) read as
   the embedding (``bitnet::int8_embedding``) and multiplied as the lm_head
   (``bitnet::int8_linear``); a tied model holds one table for both.
+* ``Int4Embedding`` / ``Int4Linear``: the same for the compact int4 group table
+  (:mod:`torch_bitnet.int4`, ``bitnet::int4_embedding`` / ``bitnet::int4_linear``).
 
 All are buffer holders, converted once (at load or patch time) from whatever a checkpoint or
 transformers module holds, so ``torch.compile`` sees a single opaque op per layer.
@@ -16,10 +18,11 @@ import torch
 from torch import nn
 
 from . import ops
+from .int4 import check_int4_sizes, dequantize_int4_rows, int4_shapes, quantize_int4_rows
 from .int8 import check_int8_sizes, dequantize_int8_rows, int8_shape, quantize_int8_rows
 from .packing import check_features, pack_ternary, packed_shape, ternarize, unpack_ternary
 
-__all__ = ["BitLinear", "Int8Embedding", "Int8Linear"]
+__all__ = ["BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear"]
 
 
 class BitLinear(nn.Module):
@@ -270,3 +273,169 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight the codes stand for, float32 (out_features, in_features) (a new tensor)."""
         return dequantize_int8_rows(self.weight, self.weight_scale, self.in_features)
+
+
+def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tensor:
+    """The float table of an ``nn.Embedding`` (or the tensor itself) for ``cls.from_float``."""
+    if isinstance(embedding, nn.Embedding):
+        if embedding.max_norm is not None:
+            raise ValueError(f"torch_bitnet: {cls} does not support nn.Embedding(max_norm=...)")
+        return embedding.weight
+    if isinstance(embedding, torch.Tensor):
+        return embedding
+    raise TypeError(
+        f"torch_bitnet: {cls}.from_float expects an nn.Embedding or a tensor, got {type(embedding).__name__}"
+    )
+
+
+def _float_weight(
+    linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None, cls: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an ``nn.Linear`` or of a weight tensor plus optional bias, for ``cls.from_float``."""
+    if isinstance(linear_or_weight, nn.Linear):
+        if bias is not None and linear_or_weight.bias is not None:
+            raise ValueError(f"torch_bitnet: {cls}.from_float got both a bias and an nn.Linear with one")
+        return linear_or_weight.weight, linear_or_weight.bias if bias is None else bias
+    if isinstance(linear_or_weight, torch.Tensor):
+        return linear_or_weight, bias
+    raise TypeError(
+        f"torch_bitnet: {cls}.from_float expects an nn.Linear or a tensor, got {type(linear_or_weight).__name__}"
+    )
+
+
+class Int4Embedding(nn.Module):
+    """Embedding table stored as int4 group codes; ``forward(ids)`` is one ``int4_embedding`` call.
+
+    Buffers (saved in ``state_dict`` in the int4 form of :mod:`torch_bitnet.int4`):
+
+    * ``weight``: uint8 (ceil(num_embeddings / 16), Kp / 8, 64), the codes w + 8, 16 rows
+      interleaved per 64-byte line, Kp = ceil(embedding_dim / 64) * 64
+    * ``weight_scale``: bfloat16 (num_embeddings, Kp / 32), one scale per group of 32 weights
+
+    4.5 bits per weight (56% of :class:`Int8Embedding`'s bytes, 28% of bf16's), at the cost of
+    about 10x the int8 table's rounding error. ``output_dtype``: the dtype of the vectors
+    returned (float32, bfloat16 or float16). For a tied model, :meth:`Int4Linear.tied_to`
+    builds the lm_head over the same two buffers.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        output_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_int4_sizes(embedding_dim, num_embeddings, "Int4Embedding")
+        if output_dtype not in ops._FLOAT_DTYPES:
+            raise ValueError(
+                f"torch_bitnet: Int4Embedding output_dtype must be float32, bfloat16 or float16, got {output_dtype}"
+            )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.output_dtype = output_dtype
+        codes_shape, scale_shape = int4_shapes(num_embeddings, embedding_dim)
+        self.register_buffer("weight", torch.full(codes_shape, 0x88, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(scale_shape, dtype=torch.bfloat16, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ops.int4_embedding(ids, self.weight, self.weight_scale, self.embedding_dim, self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, output_dtype={self.output_dtype}, "
+            f"weight=int4 groups of 32 {tuple(self.weight.shape)} uint8"
+        )
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Embedding | torch.Tensor, output_dtype: torch.dtype | None = None
+    ) -> Int4Embedding:
+        """Quantize an ``nn.Embedding`` (or a float (num_embeddings, embedding_dim) table) in groups of 32.
+
+        ``output_dtype`` defaults to the table's dtype. ``max_norm`` (renormalising at lookup)
+        is not supported; ``padding_idx`` only concerns training and is dropped.
+        """
+        table = _float_table(embedding, "Int4Embedding")
+        codes, scale = quantize_int4_rows(table)
+        module = cls(*table.shape, output_dtype=output_dtype or table.dtype, device="meta")
+        module.weight, module.weight_scale = codes, scale  # no second copy of the table
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        """The table the codes stand for, float32 (num_embeddings, embedding_dim) (a new tensor)."""
+        return dequantize_int4_rows(self.weight, self.weight_scale, self.embedding_dim)
+
+
+class Int4Linear(nn.Module):
+    """Linear layer over an int4 group weight (the compact lm_head); int8 activations inside the op.
+
+    Buffers (saved in ``state_dict``):
+
+    * ``weight``: uint8 (ceil(out_features / 16), Kp / 8, 64), the codes w + 8
+      (format in :mod:`torch_bitnet.int4`), Kp = ceil(in_features / 64) * 64
+    * ``weight_scale``: bfloat16 (out_features, Kp / 32), one scale per group of 32 weights
+    * ``bias``: float32 (out_features,) or ``None``
+
+    ``forward(x)`` is one ``int4_linear`` call; the output has x's dtype. :meth:`tied_to` makes
+    the lm_head of a tied model share an :class:`Int4Embedding`'s buffers (no second table).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__()
+        check_int4_sizes(in_features, out_features, "Int4Linear")
+        self.in_features = in_features
+        self.out_features = out_features
+        codes_shape, scale_shape = int4_shapes(out_features, in_features)
+        self.register_buffer("weight", torch.full(codes_shape, 0x88, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(scale_shape, dtype=torch.bfloat16, device=device))
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_linear(x, self.weight, self.weight_scale, self.in_features, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=int4 groups of 32 {tuple(self.weight.shape)} uint8"
+        )
+
+    @classmethod
+    def from_float(cls, linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None) -> Int4Linear:
+        """Quantize an ``nn.Linear`` (its bias included) or a float (out_features, in_features) weight.
+
+        ``bias`` (any float dtype, (out_features,)) is for a plain weight; it is kept in float32.
+        """
+        weight, bias = _float_weight(linear_or_weight, bias, "Int4Linear")
+        codes, scale = quantize_int4_rows(weight)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, device="meta")
+        layer.weight, layer.weight_scale = codes, scale
+        if bias is not None:
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"torch_bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+            layer.bias = bias.detach().to(device=codes.device, dtype=torch.float32, copy=True)
+        return layer
+
+    @classmethod
+    def tied_to(cls, embedding: Int4Embedding) -> Int4Linear:
+        """The lm_head of a tied model: logits = h @ table^T over ``embedding``'s own buffers.
+
+        The two modules hold the same ``weight`` / ``weight_scale`` tensors (one copy in
+        memory, and ``load_state_dict`` writes both through either).
+        """
+        if not isinstance(embedding, Int4Embedding):
+            raise TypeError(
+                f"torch_bitnet: Int4Linear.tied_to expects an Int4Embedding, got {type(embedding).__name__}"
+            )
+        layer = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
+        layer.weight, layer.weight_scale = embedding.weight, embedding.weight_scale
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the codes stand for, float32 (out_features, in_features) (a new tensor)."""
+        return dequantize_int4_rows(self.weight, self.weight_scale, self.in_features)

@@ -20,6 +20,7 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
         "`pip install --no-build-isolation -e .`"
     ) from err
 
+from .int4 import check_int4_weight
 from .int8 import check_int8_weight
 from .packing import check_features, check_packed
 
@@ -32,6 +33,8 @@ __all__ = [
     "stream_max",
     "int8_linear",
     "int8_embedding",
+    "int4_linear",
+    "int4_embedding",
     "kv_cache_write",
     "int8_attention",
 ]
@@ -182,6 +185,29 @@ def _int8_embedding_fake(ids, weight, scale, embedding_dim: int, dtype: torch.dt
     return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
 
 
+@torch.library.register_fake("bitnet::int4_linear")
+def _int4_linear_fake(x, weight, scale, in_features: int, out_features: int, bias=None) -> torch.Tensor:
+    check_int4_weight(weight, scale, in_features, out_features, "int4_linear")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: int4_linear input must be float32, bfloat16 or float16, got {x.dtype}")
+    _check_input(x, in_features, "int4_linear input")
+    _check_bias(bias, out_features)
+    return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bitnet::int4_embedding")
+def _int4_embedding_fake(ids, weight, scale, embedding_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    if ids.dtype != torch.int64:
+        raise TypeError(f"bitnet: int4_embedding ids must be int64, got {ids.dtype}")
+    if scale.dim() != 2:
+        raise ValueError(f"bitnet: int4_embedding scale must be 2-D (rows, Kp/32), got shape {tuple(scale.shape)}")
+    check_int4_weight(weight, scale, embedding_dim, scale.shape[0], "int4_embedding")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: int4_embedding dtype must be float32, bfloat16 or float16, got {dtype}")
+    # (the ids' range is data: checked by the real kernel)
+    return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
+
+
 def _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions) -> None:
     """The shape and dtype checks of the int8 attention ops (values are checked in C++)."""
     for cache, scale, what in ((k_cache, k_scale, "key cache"), (v_cache, v_scale, "value cache")):
@@ -257,6 +283,7 @@ for _name in (
     "bitnet::bitlinear_shared",
     "bitnet::bitlinear_relu2_glu",
     "bitnet::int8_linear",
+    "bitnet::int4_linear",
     "bitnet::int8_attention",
 ):
     _register_no_backward(_name)
@@ -420,6 +447,52 @@ def int8_embedding(
         once (:func:`torch_bitnet.reference.int8_embedding`).
     """
     return torch.ops.bitnet.int8_embedding.default(ids, weight, scale, embedding_dim, dtype)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear layer over int4 group weights: the compact lm_head (int8 activations inside).
+
+    Args:
+        x: float32, bfloat16 or float16 tensor (..., in_features); any leading shape, M = 0 allowed.
+        weight: uint8 codes (ceil(out_features / 16), Kp / 8, 64), Kp = ceil(in_features / 64) * 64,
+            see :mod:`torch_bitnet.int4` (:func:`torch_bitnet.int4.quantize_int4_rows` makes them).
+        scale: bfloat16 (out_features, Kp / 32), one scale per group of 32 weights of a row.
+        in_features, out_features: logical sizes K <= 65536, N (so fake kernels never read ``weight``).
+        bias: optional (out_features,) float tensor, added in float32.
+
+    Returns:
+        Tensor (..., out_features) in ``x.dtype``. With ``xq, a`` the token's int8 activations and
+        scale (as in :func:`bitlinear`) and ``d_g`` the exact int32 dot product of group g:
+        ``s = sum_g float(d_g) * scale[n, g]`` in float32, summed in increasing g from 0, then
+        ``s / a + bias[n]``, rounded once to x's dtype; bit-identical on every ISA. NaN / Inf
+        input rows give NaN rows. Semantics: :func:`torch_bitnet.reference.int4_linear`.
+    """
+    return torch.ops.bitnet.int4_linear.default(x, weight, scale, in_features, out_features, bias)
+
+
+def int4_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, embedding_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Embedding lookup in an int4 group table (the same buffers :func:`int4_linear` multiplies by).
+
+    Args:
+        ids: int64 tensor of any shape, each in [0, rows) (IndexError otherwise); rows = scale.shape[0].
+        weight: uint8 codes (ceil(rows / 16), Kp / 8, 64); scale: bfloat16 (rows, Kp / 32).
+        embedding_dim: D, the logical row length.
+        dtype: float32, bfloat16 or float16, the output dtype.
+
+    Returns:
+        (*ids.shape, embedding_dim) in ``dtype``: ``(u - 8) * scale[id, k // 32]`` in float32,
+        rounded once (:func:`torch_bitnet.reference.int4_embedding`).
+    """
+    return torch.ops.bitnet.int4_embedding.default(ids, weight, scale, embedding_dim, dtype)
 
 
 def kv_cache_write(k_cache, k_scale, v_cache, v_scale, k, v, positions) -> None:

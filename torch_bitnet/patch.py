@@ -23,7 +23,7 @@ from torch import nn
 
 from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
-from .nn import BitLinear, Int8Embedding, Int8Linear
+from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed
 
 __all__ = ["patch", "quantize_head", "replace_linear", "convert_module"]
@@ -83,7 +83,8 @@ def patch(
     returned; each replaced layer's float or unpacked weight is freed.
 
     ``lm_head="int8"`` (default) also quantizes the token embedding and the lm_head per row
-    (:func:`quantize_head`); ``"bf16"`` leaves them as they are (exact).
+    (:func:`quantize_head`), ``"int4"`` to the compact int4 group table; ``"bf16"`` leaves them as
+    they are (exact).
 
     ``fuse=True`` (default) then runs each BitNet decoder layer as four fused ops (norms,
     activation quantization and the relu2 gating inside them: :func:`torch_bitnet.fuse_layers`).
@@ -115,28 +116,35 @@ def patch(
     return set_kv_cache_dtype(model, kv_cache_dtype)
 
 
-def quantize_head(model: nn.Module, lm_head: str = "int8") -> nn.Module:
-    """Quantize a transformers model's token embedding and lm_head to int8 per row, in place.
+#: the quantized lm_head forms: (embedding module, lm_head module) of each
+_HEAD_MODULES = {"int8": (Int8Embedding, Int8Linear), "int4": (Int4Embedding, Int4Linear)}
 
-    The embedding becomes :class:`torch_bitnet.Int8Embedding` (same output dtype) and the
-    lm_head :class:`torch_bitnet.Int8Linear`; a tied lm_head is built over the embedding's
-    table, so the model keeps one int8 table (half the bytes of bf16). ``lm_head="bf16"``
-    leaves both unchanged. Layers already quantized are left as they are. Returns the model.
+
+def quantize_head(model: nn.Module, lm_head: str = "int8") -> nn.Module:
+    """Quantize a transformers model's token embedding and lm_head, in place.
+
+    ``lm_head="int8"``: the embedding becomes :class:`torch_bitnet.Int8Embedding` (same output
+    dtype) and the lm_head :class:`torch_bitnet.Int8Linear` (int8 per row, half the bytes of
+    bf16); ``"int4"``: :class:`torch_bitnet.Int4Embedding` / :class:`torch_bitnet.Int4Linear`
+    (4-bit codes with a bf16 scale per 32 weights, 28% of bf16's bytes). A tied lm_head is
+    built over the embedding's table, so the model keeps one table. ``"bf16"`` leaves both
+    unchanged. Layers already quantized (in either form) are left as they are. Returns the model.
     """
-    if lm_head not in ("int8", "bf16"):
-        raise ValueError(f"torch_bitnet: lm_head must be 'int8' or 'bf16', got {lm_head!r}")
+    if lm_head not in ("int8", "int4", "bf16"):
+        raise ValueError(f"torch_bitnet: lm_head must be 'int8', 'int4' or 'bf16', got {lm_head!r}")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if lm_head == "bf16" or isinstance(embedding, Int8Embedding):
+    if lm_head == "bf16" or isinstance(embedding, (Int8Embedding, Int4Embedding)):
         return model
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"torch_bitnet: cannot quantize an input embedding of type {type(embedding).__name__}")
+    embedding_cls, head_cls = _HEAD_MODULES[lm_head]
     tied = isinstance(head, nn.Linear) and head.weight.data_ptr() == embedding.weight.data_ptr()
-    table = Int8Embedding.from_float(embedding)
+    table = embedding_cls.from_float(embedding)
     model.set_input_embeddings(table)
     if tied:
-        model.set_output_embeddings(Int8Linear.tied_to(table))
+        model.set_output_embeddings(head_cls.tied_to(table))
     elif isinstance(head, nn.Linear):
-        model.set_output_embeddings(Int8Linear.from_float(head))
+        model.set_output_embeddings(head_cls.from_float(head))
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .int4 import GROUP_SIZE, check_int4_weight, padded_features, unpack_int4_codes
 from .int8 import check_int8_weight
 from .packing import check_packed, unpack_ternary
 
@@ -22,6 +23,8 @@ __all__ = [
     "stream_max",
     "int8_linear",
     "int8_embedding",
+    "int4_linear",
+    "int4_embedding",
 ]
 
 
@@ -202,6 +205,68 @@ def int8_embedding(
         raise IndexError(f"bitnet: int8_embedding id {int(bad[0])} is out of range: the table has {rows} rows")
     # the products of dequantize_int8_rows, for the looked-up rows only
     vectors = (weight[flat, :embedding_dim].float() - 128.0) * scale[flat].unsqueeze(1)
+    return vectors.to(dtype).reshape(*ids.shape, embedding_dim)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Linear layer over int4 group weights (the compact lm_head): float (..., K) -> float (..., N) in x's dtype.
+
+    ``weight`` uint8 codes and ``scale`` bfloat16 (N, Kp/32) as :mod:`torch_bitnet.int4` defines
+    them. The activations are quantized per token exactly as in :func:`bitlinear`. Then::
+
+        xq, a = quantize_act(x)                            # int8 (M, K) (zero-padded to Kp), float32 (M, 1)
+        d_g   = xq[:, group g] @ (u[:, group g] - 8)^T     # exact int32 (M, N), group g = k in [32 g, 32 g + 32)
+        s     = 0;  for g = 0, 1, ...:  s = s + float(d_g) * scale[:, g]   # float32, one rounding per op
+        y     = s / a  (+ bias)                            # float32
+        y     = y.to(x.dtype)                              # one rounding at the end
+
+    The kernels evaluate the same float32 operations in the same order (lane by lane, a lane
+    per output row), so they match this function bit for bit. Rows of x with NaN / Inf give
+    NaN rows (a = NaN), as in :func:`bitlinear`.
+    """
+    check_int4_weight(weight, scale, in_features, out_features, "int4_linear")
+    lead = x.shape[:-1]
+    xq, a = quantize_act(x)
+    kp = padded_features(in_features)
+    xg = torch.nn.functional.pad(xq.reshape(-1, in_features).to(torch.float64), (0, kp - in_features))
+    w = unpack_int4_codes(weight, out_features).to(torch.float64) - 8.0  # (N, Kp), 0 in the padding
+    sf = scale.float()
+    s = torch.zeros(xg.shape[0], out_features)
+    for g in range(kp // GROUP_SIZE):
+        k = slice(g * GROUP_SIZE, (g + 1) * GROUP_SIZE)
+        # float64 is exact: products below 2**10, sums below 2**15
+        d = (xg[:, k] @ w[:, k].t()).to(torch.int32)
+        s = s + d.float() * sf[:, g]
+    y = s / a.reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+def int4_embedding(
+    ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, embedding_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Embedding lookup in an int4 group table: int64 ids (...) -> (..., embedding_dim) in ``dtype``.
+
+    ``(u[id, k] - 8) * scale[id, k // 32]`` in float32, rounded once to ``dtype``; the table
+    has ``scale.shape[0]`` rows and an id outside [0, rows) raises IndexError.
+    """
+    rows = scale.shape[0] if scale.dim() == 2 else 0
+    check_int4_weight(weight, scale, embedding_dim, rows, "int4_embedding")
+    flat = ids.reshape(-1)
+    bad = flat[(flat < 0) | (flat >= rows)]
+    if bad.numel():
+        raise IndexError(f"bitnet: int4_embedding id {int(bad[0])} is out of range: the table has {rows} rows")
+    # the products of dequantize_int4_rows, for the looked-up rows only
+    u = unpack_int4_codes(weight, rows)[flat, :embedding_dim].float() - 8.0
+    vectors = u * scale[flat].float().repeat_interleave(GROUP_SIZE, dim=1)[:, :embedding_dim]
     return vectors.to(dtype).reshape(*ids.shape, embedding_dim)
 
 

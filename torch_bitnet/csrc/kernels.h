@@ -162,6 +162,38 @@ inline void store_int8_result(const Int8Problem& p, int64_t m, int64_t n, int32_
   store_float(p.out, p.out_dtype, m * p.ld + n, y);
 }
 
+// ---- int4 group weights: the compact lm_head / embedding table (format: torch_bitnet/int4.py) ----
+// codes uint8 (ceil(N/16), Kp/8, 64), Kp = K rounded up to 64: byte 4r + j of 64-byte line c of
+// tile t holds u[16t + r, 8c + j] in bits 3:0 and u[16t + r, 8c + 4 + j] in bits 7:4, u = w + 8
+// with w in [-7, 7] (8 in the padding); scale bf16 (N, Kp/32): W[n, k] ~ (u - 8) * scale[n, k / 32].
+
+constexpr int64_t kInt4Group = 32;  // weights per scale
+constexpr int64_t kInt4Tile = 16;   // rows interleaved in one 64-byte line
+
+struct Int4Problem {
+  const int8_t* xq = nullptr;         // (M, ldq) int8 activations from quantize_row, zero from K to Kp
+  int64_t ldq = 0;
+  const int32_t* offset = nullptr;    // (M, Kp/32): -8 * the sum of each group's activations
+  const float* a = nullptr;           // (M,) activation scales 127 / amax (NaN for a non-finite row)
+  const uint8_t* w = nullptr;         // (ceil(N/16), Kp/8, 64) codes
+  const uint16_t* w_scale = nullptr;  // (N, Kp/32) bf16 bits, 4-byte aligned
+  const float* bias = nullptr;        // (N,) float32 or null
+  int64_t m = 0;                      // tokens
+  int64_t k_pad = 0;                  // Kp, a multiple of 64
+  void* out = nullptr;                // (M, ld) of out_dtype
+  DType out_dtype = DType::F32;
+  int64_t ld = 0;
+};
+
+// y[m, n] from s = sum over groups g, in increasing g from +0, of float(d_g) * scale[n, g]
+// (d_g the exact int32 dot of group g; one rounding per product and per sum): s / a + bias,
+// rounded once to out_dtype. The SIMD kernels compute the same sequence lane by lane.
+inline void store_int4_result(const Int4Problem& p, int64_t m, int64_t n, float s) {
+  float y = s / p.a[m];
+  if (p.bias) y += p.bias[n];
+  store_float(p.out, p.out_dtype, m * p.ld + n, y);
+}
+
 // ---- attention over an int8 KV cache, shared by all ISAs ----
 
 // One (batch, kv head) of int8_attention: its G query heads x Q queries as `rows` rows
@@ -220,6 +252,9 @@ struct Kernels {
   void (*int8_gemm)(const Int8Problem& p, int64_t n0, int64_t n1);
   // Squared-ReLU gating of n elements in place (see relu2_gate_scalar below).
   void (*relu2_gate)(void* g, const void* u, DType dt, int64_t n);
+  // int4 group weights: results for output rows [n0, n1) (n0 a multiple of kInt4Tile) and all
+  // M tokens of p.
+  void (*int4_gemm)(const Int4Problem& p, int64_t n0, int64_t n1);
 };
 
 extern const Kernels kScalarKernels;
@@ -278,6 +313,19 @@ void int8_gemm_avx512(const Int8Problem& p, int64_t n0, int64_t n1);
 // Embedding lookup: out row i (d values of dtype dt) = (codes[ids[i]] - 128) * scale[ids[i]]
 // for i in [0, count); ids must already be checked to lie in [0, N). w has row stride ldw.
 void int8_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, int64_t ldw, const float* scale,
+                         int64_t d, void* out, DType dt);
+
+// ---- int4 group weights (int4_scalar.cpp, int4_avx2.cpp, int4_avx512.cpp) ----
+
+void int4_gemm_scalar(const Int4Problem& p, int64_t n0, int64_t n1);
+#if defined(__x86_64__) || defined(_M_X64)
+void int4_gemm_avx2(const Int4Problem& p, int64_t n0, int64_t n1);
+void int4_gemm_avx512(const Int4Problem& p, int64_t n0, int64_t n1);
+#endif
+
+// Embedding lookup: out row i (d values of dtype dt) = (u[ids[i], k] - 8) * scale[ids[i], k / 32]
+// for i in [0, count); ids must already be checked to lie in [0, N). Kp is the padded row length.
+void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, const uint16_t* scale, int64_t k_pad,
                          int64_t d, void* out, DType dt);
 
 // ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and

@@ -450,6 +450,126 @@ at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, c
   return out;
 }
 
+// ---- int4 group weights: the compact lm_head and embedding table (format: torch_bitnet/int4.py) ----
+
+constexpr int64_t kInt4BlockK = 64;
+constexpr int64_t kInt4MaxFeatures = int64_t(1) << 16;  // as int8: the int32 activation sums stay exact
+// Output rows per thread task: a multiple of the 16-row tiles, and 64 rows of 16-bit outputs are
+// 128 bytes, so at M = 1 two threads never write into the same cache line.
+constexpr int64_t kInt4RowTile = 64;
+
+int64_t pad_int4(int64_t k) { return (k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockK; }
+
+// weight: uint8 codes (ceil(rows/16), Kp/8, 64); scale: bfloat16 (rows, Kp/32). Messages as
+// int4.check_int4_weight.
+void check_int4_weight(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
+                       const char* what) {
+  TORCH_CHECK_VALUE(features >= 1 && rows >= 1, "bitnet: ", what, " sizes must be >= 1, got ", features,
+                    " features and ", rows, " rows");
+  TORCH_CHECK_VALUE(features <= kInt4MaxFeatures, "bitnet: ", what, " has ", features,
+                    " features; the supported maximum is ", kInt4MaxFeatures, " (int32 accumulation must stay exact)");
+  check_cpu(weight, "weight");
+  check_cpu(scale, "weight scale");
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "bitnet: ", what, " weight must be uint8 codes, got ",
+                   weight.scalar_type());
+  const int64_t k_pad = pad_int4(features), tiles = (rows + kInt4Tile - 1) / kInt4Tile;
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) == tiles && weight.size(1) == k_pad / 8 && weight.size(2) == 64,
+                    "bitnet: ", what, " weight has shape ", weight.sizes(), ", expected (", tiles, ", ", k_pad / 8,
+                    ", 64)");
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kBFloat16 && scale.dim() == 2 && scale.size(0) == rows &&
+                        scale.size(1) == k_pad / kInt4Group,
+                    "bitnet: ", what, " scale must be bfloat16 of shape (", rows, ", ", k_pad / kInt4Group, "), got ",
+                    scale.scalar_type(), " of shape ", scale.sizes());
+}
+
+// The scales as a contiguous tensor whose data is 4-byte aligned: the kernels read them as
+// 32-bit pairs (a fresh allocation is; only an odd-offset view needs the copy).
+at::Tensor aligned_scales(const at::Tensor& scale) {
+  at::Tensor s = scale.contiguous();
+  if (reinterpret_cast<uintptr_t>(s.data_ptr()) % 4) s = s.clone();
+  return s;
+}
+
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           int64_t in_features, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_int4_weight(weight, scale, in_features, out_features, "int4_linear");
+  const DType dt = dtype_of(x, "int4_linear input");
+  check_input(x, in_features, "int4_linear input");
+  const at::Tensor bias_f = float_bias(bias, out_features);
+  auto out = at::empty(with_last(x.sizes(), out_features), x.options());
+  const int64_t m = x.numel() / in_features;
+  if (m == 0) return out;
+
+  const int64_t k_pad = pad_int4(in_features), groups = k_pad / kInt4Group;
+  const auto x2d = x.contiguous().view({m, in_features});
+  // One scratch allocation: xq (M, Kp) int8, then a (M) float, xsum (M) and offset (M, Kp/32) int32.
+  auto scratch = at::empty({m * k_pad + 4 * m * (groups + 2) + 64}, x.options().dtype(at::kByte));
+  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
+  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
+  int32_t* xsum = reinterpret_cast<int32_t*>(a + m);
+  int32_t* offset = xsum + m;
+  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
+  // Each group's accumulator starts at -8 * sum x over the group (codes are w + 8).
+  at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 16) / k_pad), [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0; i < m1; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; ++k) sum += xq[i * k_pad + k];
+        offset[i * groups + g] = -8 * sum;
+      }
+  });
+
+  const auto w = weight.contiguous();
+  const auto s = aligned_scales(scale);
+  Int4Problem p;
+  p.xq = xq;
+  p.ldq = k_pad;
+  p.offset = offset;
+  p.a = a;
+  p.w = w.data_ptr<uint8_t>();
+  p.w_scale = reinterpret_cast<const uint16_t*>(s.data_ptr());
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.m = m;
+  p.k_pad = k_pad;
+  p.out = out.data_ptr();
+  p.out_dtype = dt;
+  p.ld = out_features;
+  const Kernels& kern = kernels();
+  parallel_rows(out_features, m * k_pad, kInt4RowTile, [&](int64_t n0, int64_t n1) { kern.int4_gemm(p, n0, n1); });
+  return out;
+}
+
+at::Tensor int4_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& scale,
+                              int64_t embedding_dim, at::ScalarType dtype) {
+  check_cpu(ids, "ids");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "bitnet: int4_embedding ids must be int64, got ",
+                   ids.scalar_type());
+  TORCH_CHECK_VALUE(scale.dim() == 2, "bitnet: int4_embedding scale must be 2-D (rows, Kp/32), got shape ",
+                    scale.sizes());
+  const int64_t rows = scale.size(0);
+  check_int4_weight(weight, scale, embedding_dim, rows, "int4_embedding");
+  const DType dt = dtype_of(dtype, "int4_embedding dtype");
+  std::vector<int64_t> sizes(ids.sizes().begin(), ids.sizes().end());
+  sizes.push_back(embedding_dim);
+  auto out = at::empty(sizes, ids.options().dtype(dtype));
+  const int64_t count = ids.numel();
+  if (count == 0) return out;
+  const auto idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "bitnet: int4_embedding id ", id[i],
+                      " is out of range: the table has ", rows, " rows");
+  const auto w = weight.contiguous();
+  const auto s = scale.contiguous();
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = embedding_dim * out.element_size();
+  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t(1) << 16) / embedding_dim), [&](int64_t i0, int64_t i1) {
+    int4_embedding_rows(id + i0, i1 - i0, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.data_ptr()),
+                        pad_int4(embedding_dim), embedding_dim, dst + i0 * row_bytes, dt);
+  });
+  return out;
+}
+
 // ---- int8 KV cache ----
 
 void check_cache(const at::Tensor& cache, const at::Tensor& scale, const char* what) {
@@ -650,6 +770,10 @@ TORCH_LIBRARY(bitnet, m) {
       "-> Tensor");
   m.def("int8_embedding(Tensor ids, Tensor weight, Tensor scale, int embedding_dim, ScalarType dtype) -> Tensor");
   m.def(
+      "int4_linear(Tensor x, Tensor weight, Tensor scale, int in_features, int out_features, Tensor? bias=None) "
+      "-> Tensor");
+  m.def("int4_embedding(Tensor ids, Tensor weight, Tensor scale, int embedding_dim, ScalarType dtype) -> Tensor");
+  m.def(
       "kv_cache_write(Tensor(a!) k_cache, Tensor(b!) k_scale, Tensor(c!) v_cache, Tensor(d!) v_scale, Tensor k, "
       "Tensor v, Tensor positions) -> ()");
   m.def(
@@ -670,6 +794,8 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("stream_max", &tbn::stream_max_cpu);
   m.impl("int8_linear", &tbn::int8_linear_cpu);
   m.impl("int8_embedding", &tbn::int8_embedding_cpu);
+  m.impl("int4_linear", &tbn::int4_linear_cpu);
+  m.impl("int4_embedding", &tbn::int4_embedding_cpu);
   m.impl("kv_cache_write", &tbn::kv_cache_write_cpu);
   m.impl("int8_attention", &tbn::int8_attention_cpu);
 }

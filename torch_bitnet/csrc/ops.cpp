@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <vector>
 
 #include "cpu_features.h"
@@ -419,16 +420,15 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   return out;
 }
 
-at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& scale,
-                              int64_t embedding_dim, at::ScalarType dtype) {
+// The shared half of the embedding ops: ids (any shape, int64, each in [0, rows)) -> out
+// (*ids.shape, embedding_dim) of dtype, filled over the threads by
+// lookup(ids, count, out_rows, out_dtype) for consecutive ranges of ids.
+template <class Lookup>
+at::Tensor embedding_lookup(const at::Tensor& ids, int64_t rows, int64_t embedding_dim, at::ScalarType dtype,
+                            const char* what, const Lookup& lookup) {
   check_cpu(ids, "ids");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "bitnet: int8_embedding ids must be int64, got ",
-                   ids.scalar_type());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "bitnet: int8_embedding weight must be 2-D (rows, Kp), got shape ",
-                    weight.sizes());
-  const int64_t rows = weight.size(0);
-  check_int8_weight(weight, scale, embedding_dim, rows, "int8_embedding");
-  const DType dt = dtype_of(dtype, "int8_embedding dtype");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "bitnet: ", what, " ids must be int64, got ", ids.scalar_type());
+  const DType dt = dtype_of(dtype, (std::string(what) + " dtype").c_str());
   std::vector<int64_t> sizes(ids.sizes().begin(), ids.sizes().end());
   sizes.push_back(embedding_dim);
   auto out = at::empty(sizes, ids.options().dtype(dtype));
@@ -437,17 +437,28 @@ at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, c
   const auto idc = ids.contiguous();
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i)
-    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "bitnet: int8_embedding id ", id[i],
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "bitnet: ", what, " id ", id[i],
                       " is out of range: the table has ", rows, " rows");
-  const auto w = weight.contiguous();
-  const auto s = scale.contiguous();
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t row_bytes = embedding_dim * out.element_size();
-  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t(1) << 16) / embedding_dim), [&](int64_t i0, int64_t i1) {
-    int8_embedding_rows(id + i0, i1 - i0, w.data_ptr<uint8_t>(), w.size(1), s.data_ptr<float>(), embedding_dim,
-                        dst + i0 * row_bytes, dt);
-  });
+  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t(1) << 16) / embedding_dim),
+                   [&](int64_t i0, int64_t i1) { lookup(id + i0, i1 - i0, dst + i0 * row_bytes, dt); });
   return out;
+}
+
+at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& scale,
+                              int64_t embedding_dim, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "bitnet: int8_embedding weight must be 2-D (rows, Kp), got shape ",
+                    weight.sizes());
+  const int64_t rows = weight.size(0);
+  check_int8_weight(weight, scale, embedding_dim, rows, "int8_embedding");
+  const auto w = weight.contiguous();
+  const auto s = scale.contiguous();
+  return embedding_lookup(ids, rows, embedding_dim, dtype, "int8_embedding",
+                          [&](const int64_t* id, int64_t count, char* out, DType dt) {
+                            int8_embedding_rows(id, count, w.data_ptr<uint8_t>(), w.size(1), s.data_ptr<float>(),
+                                                embedding_dim, out, dt);
+                          });
 }
 
 // ---- int4 group weights: the compact lm_head and embedding table (format: torch_bitnet/int4.py) ----
@@ -541,33 +552,18 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 at::Tensor int4_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& scale,
                               int64_t embedding_dim, at::ScalarType dtype) {
-  check_cpu(ids, "ids");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "bitnet: int4_embedding ids must be int64, got ",
-                   ids.scalar_type());
   TORCH_CHECK_VALUE(scale.dim() == 2, "bitnet: int4_embedding scale must be 2-D (rows, Kp/32), got shape ",
                     scale.sizes());
   const int64_t rows = scale.size(0);
   check_int4_weight(weight, scale, embedding_dim, rows, "int4_embedding");
-  const DType dt = dtype_of(dtype, "int4_embedding dtype");
-  std::vector<int64_t> sizes(ids.sizes().begin(), ids.sizes().end());
-  sizes.push_back(embedding_dim);
-  auto out = at::empty(sizes, ids.options().dtype(dtype));
-  const int64_t count = ids.numel();
-  if (count == 0) return out;
-  const auto idc = ids.contiguous();
-  const int64_t* id = idc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i)
-    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "bitnet: int4_embedding id ", id[i],
-                      " is out of range: the table has ", rows, " rows");
   const auto w = weight.contiguous();
   const auto s = scale.contiguous();
-  char* dst = static_cast<char*>(out.data_ptr());
-  const int64_t row_bytes = embedding_dim * out.element_size();
-  at::parallel_for(0, count, std::max<int64_t>(1, (int64_t(1) << 16) / embedding_dim), [&](int64_t i0, int64_t i1) {
-    int4_embedding_rows(id + i0, i1 - i0, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.data_ptr()),
-                        pad_int4(embedding_dim), embedding_dim, dst + i0 * row_bytes, dt);
-  });
-  return out;
+  return embedding_lookup(ids, rows, embedding_dim, dtype, "int4_embedding",
+                          [&](const int64_t* id, int64_t count, char* out, DType dt) {
+                            int4_embedding_rows(id, count, w.data_ptr<uint8_t>(),
+                                                reinterpret_cast<const uint16_t*>(s.data_ptr()),
+                                                pad_int4(embedding_dim), embedding_dim, out, dt);
+                          });
 }
 
 // ---- int8 KV cache ----

@@ -119,6 +119,56 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, self.in_features)
 
 
+def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tensor:
+    """The float table of an ``nn.Embedding`` (or the tensor itself) for ``cls.from_float``."""
+    if isinstance(embedding, nn.Embedding):
+        if embedding.max_norm is not None:
+            raise ValueError(f"torch_bitnet: {cls} does not support nn.Embedding(max_norm=...)")
+        return embedding.weight
+    if isinstance(embedding, torch.Tensor):
+        return embedding
+    raise TypeError(
+        f"torch_bitnet: {cls}.from_float expects an nn.Embedding or a tensor, got {type(embedding).__name__}"
+    )
+
+
+def _float_weight(
+    linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None, cls: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an ``nn.Linear`` or of a weight tensor plus optional bias, for ``cls.from_float``."""
+    if isinstance(linear_or_weight, nn.Linear):
+        if bias is not None and linear_or_weight.bias is not None:
+            raise ValueError(f"torch_bitnet: {cls}.from_float got both a bias and an nn.Linear with one")
+        return linear_or_weight.weight, linear_or_weight.bias if bias is None else bias
+    if isinstance(linear_or_weight, torch.Tensor):
+        return linear_or_weight, bias
+    raise TypeError(
+        f"torch_bitnet: {cls}.from_float expects an nn.Linear or a tensor, got {type(linear_or_weight).__name__}"
+    )
+
+
+def _linear_from_codes(cls, codes, scale, in_features: int, out_features: int, bias: torch.Tensor | None):
+    """A ``cls`` (Int8Linear / Int4Linear) holding quantized codes and scales, plus a float32 bias."""
+    layer = cls(in_features, out_features, device="meta")
+    layer.weight, layer.weight_scale = codes, scale  # no second copy of the table
+    if bias is not None:
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"torch_bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        layer.bias = bias.detach().to(device=codes.device, dtype=torch.float32, copy=True)
+    return layer
+
+
+def _tied_linear(cls, embedding: nn.Module, table_cls: type):
+    """A ``cls`` lm_head over ``embedding``'s own buffers (``embedding`` must be a ``table_cls``)."""
+    if not isinstance(embedding, table_cls):
+        raise TypeError(
+            f"torch_bitnet: {cls.__name__}.tied_to expects an {table_cls.__name__}, got {type(embedding).__name__}"
+        )
+    layer = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
+    layer.weight, layer.weight_scale = embedding.weight, embedding.weight_scale
+    return layer
+
+
 class Int8Embedding(nn.Module):
     """Embedding table stored as int8 per-row codes; ``forward(ids)`` is one ``int8_embedding`` call.
 
@@ -169,17 +219,7 @@ class Int8Embedding(nn.Module):
         ``output_dtype`` defaults to the table's dtype. ``max_norm`` (renormalising at lookup)
         is not supported; ``padding_idx`` only concerns training and is dropped.
         """
-        if isinstance(embedding, nn.Embedding):
-            if embedding.max_norm is not None:
-                raise ValueError("torch_bitnet: Int8Embedding does not support nn.Embedding(max_norm=...)")
-            table = embedding.weight
-        elif isinstance(embedding, torch.Tensor):
-            table = embedding
-        else:
-            raise TypeError(
-                "torch_bitnet: Int8Embedding.from_float expects an nn.Embedding or a tensor, "
-                f"got {type(embedding).__name__}"
-            )
+        table = _float_table(embedding, "Int8Embedding")
         codes, scale = quantize_int8_rows(table)
         module = cls(*table.shape, output_dtype=output_dtype or table.dtype, device="meta")
         module.weight, module.weight_scale = codes, scale  # no second copy of the table
@@ -233,27 +273,9 @@ class Int8Linear(nn.Module):
 
         ``bias`` (any float dtype, (out_features,)) is for a plain weight; it is kept in float32.
         """
-        if isinstance(linear_or_weight, nn.Linear):
-            if bias is not None and linear_or_weight.bias is not None:
-                raise ValueError("torch_bitnet: Int8Linear.from_float got both a bias and an nn.Linear with one")
-            weight = linear_or_weight.weight
-            bias = linear_or_weight.bias if bias is None else bias
-        elif isinstance(linear_or_weight, torch.Tensor):
-            weight = linear_or_weight
-        else:
-            raise TypeError(
-                "torch_bitnet: Int8Linear.from_float expects an nn.Linear or a tensor, "
-                f"got {type(linear_or_weight).__name__}"
-            )
+        weight, bias = _float_weight(linear_or_weight, bias, "Int8Linear")
         codes, scale = quantize_int8_rows(weight)
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, device="meta")
-        layer.weight, layer.weight_scale = codes, scale
-        if bias is not None:
-            if tuple(bias.shape) != (out_features,):
-                raise ValueError(f"torch_bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-            layer.bias = bias.detach().to(device=codes.device, dtype=torch.float32, copy=True)
-        return layer
+        return _linear_from_codes(cls, codes, scale, weight.shape[1], weight.shape[0], bias)
 
     @classmethod
     def tied_to(cls, embedding: Int8Embedding) -> Int8Linear:
@@ -262,45 +284,11 @@ class Int8Linear(nn.Module):
         The two modules hold the same ``weight`` / ``weight_scale`` tensors (one copy in
         memory, and ``load_state_dict`` writes both through either).
         """
-        if not isinstance(embedding, Int8Embedding):
-            raise TypeError(
-                f"torch_bitnet: Int8Linear.tied_to expects an Int8Embedding, got {type(embedding).__name__}"
-            )
-        layer = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
-        layer.weight, layer.weight_scale = embedding.weight, embedding.weight_scale
-        return layer
+        return _tied_linear(cls, embedding, Int8Embedding)
 
     def dequantize(self) -> torch.Tensor:
         """The weight the codes stand for, float32 (out_features, in_features) (a new tensor)."""
         return dequantize_int8_rows(self.weight, self.weight_scale, self.in_features)
-
-
-def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tensor:
-    """The float table of an ``nn.Embedding`` (or the tensor itself) for ``cls.from_float``."""
-    if isinstance(embedding, nn.Embedding):
-        if embedding.max_norm is not None:
-            raise ValueError(f"torch_bitnet: {cls} does not support nn.Embedding(max_norm=...)")
-        return embedding.weight
-    if isinstance(embedding, torch.Tensor):
-        return embedding
-    raise TypeError(
-        f"torch_bitnet: {cls}.from_float expects an nn.Embedding or a tensor, got {type(embedding).__name__}"
-    )
-
-
-def _float_weight(
-    linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None, cls: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of an ``nn.Linear`` or of a weight tensor plus optional bias, for ``cls.from_float``."""
-    if isinstance(linear_or_weight, nn.Linear):
-        if bias is not None and linear_or_weight.bias is not None:
-            raise ValueError(f"torch_bitnet: {cls}.from_float got both a bias and an nn.Linear with one")
-        return linear_or_weight.weight, linear_or_weight.bias if bias is None else bias
-    if isinstance(linear_or_weight, torch.Tensor):
-        return linear_or_weight, bias
-    raise TypeError(
-        f"torch_bitnet: {cls}.from_float expects an nn.Linear or a tensor, got {type(linear_or_weight).__name__}"
-    )
 
 
 class Int4Embedding(nn.Module):
@@ -412,14 +400,7 @@ class Int4Linear(nn.Module):
         """
         weight, bias = _float_weight(linear_or_weight, bias, "Int4Linear")
         codes, scale = quantize_int4_rows(weight)
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, device="meta")
-        layer.weight, layer.weight_scale = codes, scale
-        if bias is not None:
-            if tuple(bias.shape) != (out_features,):
-                raise ValueError(f"torch_bitnet: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-            layer.bias = bias.detach().to(device=codes.device, dtype=torch.float32, copy=True)
-        return layer
+        return _linear_from_codes(cls, codes, scale, weight.shape[1], weight.shape[0], bias)
 
     @classmethod
     def tied_to(cls, embedding: Int4Embedding) -> Int4Linear:
@@ -428,13 +409,7 @@ class Int4Linear(nn.Module):
         The two modules hold the same ``weight`` / ``weight_scale`` tensors (one copy in
         memory, and ``load_state_dict`` writes both through either).
         """
-        if not isinstance(embedding, Int4Embedding):
-            raise TypeError(
-                f"torch_bitnet: Int4Linear.tied_to expects an Int4Embedding, got {type(embedding).__name__}"
-            )
-        layer = cls(embedding.embedding_dim, embedding.num_embeddings, device="meta")
-        layer.weight, layer.weight_scale = embedding.weight, embedding.weight_scale
-        return layer
+        return _tied_linear(cls, embedding, Int4Embedding)
 
     def dequantize(self) -> torch.Tensor:
         """The weight the codes stand for, float32 (out_features, in_features) (a new tensor)."""

@@ -165,47 +165,43 @@ def _stream_max_fake(buf: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("bitnet::int8_linear")
 def _int8_linear_fake(x, weight, scale, in_features: int, out_features: int, bias=None) -> torch.Tensor:
     check_int8_weight(weight, scale, in_features, out_features, "int8_linear")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bitnet: int8_linear input must be float32, bfloat16 or float16, got {x.dtype}")
-    _check_input(x, in_features, "int8_linear input")
+    _check_float_input(x, in_features, "int8_linear input")
     _check_bias(bias, out_features)
     return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
 
 
+def _embedding_fake(ids, embedding_dim: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """The checks and output both embedding fakes share, after their table checks."""
+    if ids.dtype != torch.int64:
+        raise TypeError(f"bitnet: {what} ids must be int64, got {ids.dtype}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bitnet: {what} dtype must be float32, bfloat16 or float16, got {dtype}")
+    # (the ids' range is data: checked by the real kernel)
+    return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
+
+
 @torch.library.register_fake("bitnet::int8_embedding")
 def _int8_embedding_fake(ids, weight, scale, embedding_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    if ids.dtype != torch.int64:
-        raise TypeError(f"bitnet: int8_embedding ids must be int64, got {ids.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"bitnet: int8_embedding weight must be 2-D (rows, Kp), got shape {tuple(weight.shape)}")
     check_int8_weight(weight, scale, embedding_dim, weight.shape[0], "int8_embedding")
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bitnet: int8_embedding dtype must be float32, bfloat16 or float16, got {dtype}")
-    # (the ids' range is data: checked by the real kernel)
-    return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
+    return _embedding_fake(ids, embedding_dim, dtype, "int8_embedding")
 
 
 @torch.library.register_fake("bitnet::int4_linear")
 def _int4_linear_fake(x, weight, scale, in_features: int, out_features: int, bias=None) -> torch.Tensor:
     check_int4_weight(weight, scale, in_features, out_features, "int4_linear")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bitnet: int4_linear input must be float32, bfloat16 or float16, got {x.dtype}")
-    _check_input(x, in_features, "int4_linear input")
+    _check_float_input(x, in_features, "int4_linear input")
     _check_bias(bias, out_features)
     return torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
 
 
 @torch.library.register_fake("bitnet::int4_embedding")
 def _int4_embedding_fake(ids, weight, scale, embedding_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    if ids.dtype != torch.int64:
-        raise TypeError(f"bitnet: int4_embedding ids must be int64, got {ids.dtype}")
     if scale.dim() != 2:
         raise ValueError(f"bitnet: int4_embedding scale must be 2-D (rows, Kp/32), got shape {tuple(scale.shape)}")
     check_int4_weight(weight, scale, embedding_dim, scale.shape[0], "int4_embedding")
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"bitnet: int4_embedding dtype must be float32, bfloat16 or float16, got {dtype}")
-    # (the ids' range is data: checked by the real kernel)
-    return torch.empty((*ids.shape, embedding_dim), dtype=dtype, device=ids.device)
+    return _embedding_fake(ids, embedding_dim, dtype, "int4_embedding")
 
 
 def _check_attention_shapes(q, k_cache, k_scale, v_cache, v_scale, positions) -> None:

@@ -199,9 +199,9 @@ at::Tensor norm_weight_of(const std::optional<at::Tensor>& norm_weight, const at
   return norm_weight->contiguous();
 }
 
-// The input of a bitlinear-family op, (optionally normalised and) quantized once for every
-// weight it is multiplied with: xq (M, Kp) int8, a (M) float32, xsum (M) int32, in one
-// scratch allocation.
+// The input of a bitlinear-family or table op, (optionally normalised and) quantized once for
+// every weight it is multiplied with: xq (M, Kp) int8 (zero from K to Kp), a (M) float32,
+// xsum (M) int32, in one scratch allocation.
 struct QuantizedInput {
   at::Tensor scratch;
   int8_t* xq = nullptr;
@@ -211,11 +211,11 @@ struct QuantizedInput {
   int64_t k_pad = 0;
 };
 
-QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, const at::Tensor& norm_weight,
-                              double norm_eps) {
+QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, int64_t k_pad,
+                              const at::Tensor& norm_weight = at::Tensor(), double norm_eps = 0.0) {
   QuantizedInput q;
   q.m = x.numel() / in_features;
-  q.k_pad = pad_k(in_features);
+  q.k_pad = k_pad;
   q.scratch = at::empty({q.m * q.k_pad + 8 * q.m + 64}, x.options().dtype(at::kByte));
   q.xq = reinterpret_cast<int8_t*>(q.scratch.data_ptr<uint8_t>());
   q.a = reinterpret_cast<float*>(q.xq + (q.m * q.k_pad + 63) / 64 * 64);
@@ -275,7 +275,7 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
   std::vector<at::Tensor> outs{out};
   ternary_into(q, packed, scale, bias_f, outs, out_features);
   return out;
@@ -300,7 +300,7 @@ std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
   if (x.numel() == 0) return outs;
-  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
   ternary_into(q, packed, scales, at::Tensor(), outs, out_features);
   return outs;
 }
@@ -320,7 +320,7 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
   std::vector<at::Tensor> gu{out, at::empty_like(out)};  // gate (gated in place), up
   ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, {out_features, out_features});
   const at::Tensor& u = gu[1];
@@ -352,28 +352,34 @@ at::Tensor stream_max_cpu(const at::Tensor& buf) {
   return at::full({}, mx, buf.options());
 }
 
-// ---- int8 per-row weights: the lm_head and the embedding table (format: torch_bitnet/int8.py) ----
+// ---- int8 / int4 tables: the lm_head and the embedding (formats: torch_bitnet/int8.py, int4.py) ----
 
-constexpr int64_t kInt8BlockK = 64;
-constexpr int64_t kInt8MaxFeatures = int64_t(1) << 16;  // sum (w + 128) x stays below 255 * 128 * K < 2^31
-// Output rows per thread task: a multiple of every int8 kernel's NR, and 64 rows of 16-bit
-// outputs are 128 bytes, so at M = 1 two threads never write into the same cache line.
-constexpr int64_t kInt8RowTile = 64;
+constexpr int64_t kTableBlockK = 64;  // both formats pad K to one 64-byte vector of int8 activations
+constexpr int64_t kTableMaxFeatures = int64_t(1) << 16;  // sum (w + 128) x stays below 255 * 128 * K < 2^31
+// Output rows per thread task: a multiple of every table kernel's rows per tile, and 64 rows of
+// 16-bit outputs are 128 bytes, so at M = 1 two threads never write into the same cache line.
+constexpr int64_t kTableRowTile = 64;
 
-int64_t pad_int8(int64_t k) { return (k + kInt8BlockK - 1) / kInt8BlockK * kInt8BlockK; }
+int64_t pad_table(int64_t k) { return (k + kTableBlockK - 1) / kTableBlockK * kTableBlockK; }
 
-// weight: uint8 codes (rows, Kp); scale: float32 (rows,). Messages as int8.check_int8_weight.
-void check_int8_weight(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
+// The checks both table formats share (messages as int8.check_int8_weight / int4.check_int4_weight).
+void check_table_sizes(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
                        const char* what) {
   TORCH_CHECK_VALUE(features >= 1 && rows >= 1, "bitnet: ", what, " sizes must be >= 1, got ", features,
                     " features and ", rows, " rows");
-  TORCH_CHECK_VALUE(features <= kInt8MaxFeatures, "bitnet: ", what, " has ", features,
-                    " features; the supported maximum is ", kInt8MaxFeatures, " (int32 accumulation must stay exact)");
+  TORCH_CHECK_VALUE(features <= kTableMaxFeatures, "bitnet: ", what, " has ", features,
+                    " features; the supported maximum is ", kTableMaxFeatures, " (int32 accumulation must stay exact)");
   check_cpu(weight, "weight");
   check_cpu(scale, "weight scale");
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "bitnet: ", what, " weight must be uint8 codes, got ",
                    weight.scalar_type());
-  const int64_t k_pad = pad_int8(features);
+}
+
+// weight: uint8 codes (rows, Kp); scale: float32 (rows,). Messages as int8.check_int8_weight.
+void check_int8_weight(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
+                       const char* what) {
+  check_table_sizes(weight, scale, features, rows, what);
+  const int64_t k_pad = pad_table(features);
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == rows && weight.size(1) == k_pad, "bitnet: ", what,
                     " weight has shape ", weight.sizes(), ", expected [", rows, ", ", k_pad, "]");
   TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == rows, "bitnet: ", what,
@@ -391,22 +397,16 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
 
-  const int64_t k_pad = pad_int8(in_features);
-  const auto x2d = x.contiguous().view({m, in_features});
-  // One scratch allocation: xq (M, Kp) int8, then a (M) float and xsum (M) int32.
-  auto scratch = at::empty({m * k_pad + 8 * m + 64}, x.options().dtype(at::kByte));
-  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
-  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
-  int32_t* xsum = reinterpret_cast<int32_t*>(a + m);
-  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
+  const int64_t k_pad = pad_table(in_features);
+  const QuantizedInput q = quantize_input(x, in_features, k_pad);
 
   const auto w = weight.contiguous();
   const auto s = scale.contiguous();
   Int8Problem p;
-  p.xq = xq;
+  p.xq = q.xq;
   p.ldq = k_pad;
-  p.xsum = xsum;
-  p.a = a;
+  p.xsum = q.xsum;
+  p.a = q.a;
   p.w = w.data_ptr<uint8_t>();
   p.w_scale = s.data_ptr<float>();
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -416,7 +416,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   p.out_dtype = dt;
   p.ld = out_features;
   const Kernels& kern = kernels();
-  parallel_rows(out_features, m * k_pad, kInt8RowTile, [&](int64_t n0, int64_t n1) { kern.int8_gemm(p, n0, n1); });
+  parallel_rows(out_features, m * k_pad, kTableRowTile, [&](int64_t n0, int64_t n1) { kern.int8_gemm(p, n0, n1); });
   return out;
 }
 
@@ -461,29 +461,12 @@ at::Tensor int8_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, c
                           });
 }
 
-// ---- int4 group weights: the compact lm_head and embedding table (format: torch_bitnet/int4.py) ----
-
-constexpr int64_t kInt4BlockK = 64;
-constexpr int64_t kInt4MaxFeatures = int64_t(1) << 16;  // as int8: the int32 activation sums stay exact
-// Output rows per thread task: a multiple of the 16-row tiles, and 64 rows of 16-bit outputs are
-// 128 bytes, so at M = 1 two threads never write into the same cache line.
-constexpr int64_t kInt4RowTile = 64;
-
-int64_t pad_int4(int64_t k) { return (k + kInt4BlockK - 1) / kInt4BlockK * kInt4BlockK; }
-
 // weight: uint8 codes (ceil(rows/16), Kp/8, 64); scale: bfloat16 (rows, Kp/32). Messages as
 // int4.check_int4_weight.
 void check_int4_weight(const at::Tensor& weight, const at::Tensor& scale, int64_t features, int64_t rows,
                        const char* what) {
-  TORCH_CHECK_VALUE(features >= 1 && rows >= 1, "bitnet: ", what, " sizes must be >= 1, got ", features,
-                    " features and ", rows, " rows");
-  TORCH_CHECK_VALUE(features <= kInt4MaxFeatures, "bitnet: ", what, " has ", features,
-                    " features; the supported maximum is ", kInt4MaxFeatures, " (int32 accumulation must stay exact)");
-  check_cpu(weight, "weight");
-  check_cpu(scale, "weight scale");
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kByte, "bitnet: ", what, " weight must be uint8 codes, got ",
-                   weight.scalar_type());
-  const int64_t k_pad = pad_int4(features), tiles = (rows + kInt4Tile - 1) / kInt4Tile;
+  check_table_sizes(weight, scale, features, rows, what);
+  const int64_t k_pad = pad_table(features), tiles = (rows + kInt4Tile - 1) / kInt4Tile;
   TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) == tiles && weight.size(1) == k_pad / 8 && weight.size(2) == 64,
                     "bitnet: ", what, " weight has shape ", weight.sizes(), ", expected (", tiles, ", ", k_pad / 8,
                     ", 64)");
@@ -511,15 +494,11 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t m = x.numel() / in_features;
   if (m == 0) return out;
 
-  const int64_t k_pad = pad_int4(in_features), groups = k_pad / kInt4Group;
-  const auto x2d = x.contiguous().view({m, in_features});
-  // One scratch allocation: xq (M, Kp) int8, then a (M) float, xsum (M) and offset (M, Kp/32) int32.
-  auto scratch = at::empty({m * k_pad + 4 * m * (groups + 2) + 64}, x.options().dtype(at::kByte));
-  int8_t* xq = reinterpret_cast<int8_t*>(scratch.data_ptr<uint8_t>());
-  float* a = reinterpret_cast<float*>(xq + (m * k_pad + 63) / 64 * 64);
-  int32_t* xsum = reinterpret_cast<int32_t*>(a + m);
-  int32_t* offset = xsum + m;
-  quantize_parallel(x2d, in_features, k_pad, xq, a, xsum);
+  const int64_t k_pad = pad_table(in_features), groups = k_pad / kInt4Group;
+  const QuantizedInput q = quantize_input(x, in_features, k_pad);
+  const int8_t* xq = q.xq;
+  auto offsets = at::empty({m, groups}, x.options().dtype(at::kInt));  // (M, Kp/32)
+  int32_t* offset = offsets.data_ptr<int32_t>();
   // Each group's accumulator starts at -8 * sum x over the group (codes are w + 8).
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 16) / k_pad), [&](int64_t m0, int64_t m1) {
     for (int64_t i = m0; i < m1; ++i)
@@ -533,10 +512,10 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const auto w = weight.contiguous();
   const auto s = aligned_scales(scale);
   Int4Problem p;
-  p.xq = xq;
+  p.xq = q.xq;
   p.ldq = k_pad;
   p.offset = offset;
-  p.a = a;
+  p.a = q.a;
   p.w = w.data_ptr<uint8_t>();
   p.w_scale = reinterpret_cast<const uint16_t*>(s.data_ptr());
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -546,7 +525,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   p.out_dtype = dt;
   p.ld = out_features;
   const Kernels& kern = kernels();
-  parallel_rows(out_features, m * k_pad, kInt4RowTile, [&](int64_t n0, int64_t n1) { kern.int4_gemm(p, n0, n1); });
+  parallel_rows(out_features, m * k_pad, kTableRowTile, [&](int64_t n0, int64_t n1) { kern.int4_gemm(p, n0, n1); });
   return out;
 }
 
@@ -562,7 +541,7 @@ at::Tensor int4_embedding_cpu(const at::Tensor& ids, const at::Tensor& weight, c
                           [&](const int64_t* id, int64_t count, char* out, DType dt) {
                             int4_embedding_rows(id, count, w.data_ptr<uint8_t>(),
                                                 reinterpret_cast<const uint16_t*>(s.data_ptr()),
-                                                pad_int4(embedding_dim), embedding_dim, out, dt);
+                                                pad_table(embedding_dim), embedding_dim, out, dt);
                           });
 }
 

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "special_token_ids",
     "special_tokens",
     "write_checkpoint",
+    "write_model_files",
     "write_tokenizer",
 ]
 
@@ -464,15 +465,55 @@ def write_checkpoint(
 
     Returns the directory as a ``Path``.
     """
+    _check_config(config, mode)
+    if not dtype.is_floating_point:
+        raise TypeError(f"torch_bitnet: dtype must be a floating-point dtype, got {dtype}")
+    first_special = config.vocab_size - NUM_SPECIAL_TOKENS
+    llama3_layout = config.bos_token_id == first_special and config.eos_token_id == first_special + 1
+    if tokenizer and not llama3_layout:
+        raise ValueError(
+            f"torch_bitnet: the written tokenizer has bos={first_special}, eos={first_special + 1} for "
+            f"vocab_size={config.vocab_size} (Llama-3 layout), but the config has bos={config.bos_token_id}, "
+            f"eos={config.eos_token_id}; build the config with bitnet_config() or pass tokenizer=False"
+        )
+    n_tensors = 2 + config.num_hidden_layers * (4 + 7 * (1 if mode == "online" else 2))
+    n_tensors += 0 if config.tie_word_embeddings else 1
+    directory = write_model_files(
+        path, config, _model_tensors(config, mode, seed, dtype), mode=mode, dtype=dtype,
+        max_shard_bytes=max_shard_bytes, total=n_tensors,
+        progress=config.num_hidden_layers > 4 if progress is None else progress,
+    )
+    if tokenizer:
+        write_tokenizer(directory, vocab_size=config.vocab_size, model_max_length=config.max_position_embeddings)
+    return directory
+
+
+def write_model_files(
+    path: str | os.PathLike,
+    config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    mode: str,
+    dtype: torch.dtype,
+    tokenizer=None,
+    max_shard_bytes: int | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> Path:
+    """Write ``(name, tensor)`` pairs as a BitNet checkpoint of ``mode`` (see :func:`write_checkpoint`).
+
+    The weight file(s) (one ``model.safetensors``, or shards of at most ``max_shard_bytes``),
+    ``config.json`` (a copy of ``config`` with the ``quantization_config`` of ``mode`` and
+    ``dtype``), ``generation_config.json`` (eos = ``<|end_of_text|>`` and, with the Llama-3
+    special-token layout, ``<|eot_id|>``) and, if given, ``tokenizer.save_pretrained``'s files.
+    The tensors are written as given: the caller packs them for ``mode``. Returns the directory.
+    """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     _check_config(config, mode)
-    if not dtype.is_floating_point:
-        raise TypeError(f"torch_bitnet: dtype must be a floating-point dtype, got {dtype}")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-
     config = copy.deepcopy(config)
     config.quantization_config = {
         "quant_method": "bitnet",
@@ -482,22 +523,10 @@ def write_checkpoint(
     config.dtype = dtype
     config.architectures = ["BitNetForCausalLM"]
 
-    first_special = config.vocab_size - NUM_SPECIAL_TOKENS
-    llama3_layout = config.bos_token_id == first_special and config.eos_token_id == first_special + 1
-    if tokenizer and not llama3_layout:
-        raise ValueError(
-            f"torch_bitnet: the written tokenizer has bos={first_special}, eos={first_special + 1} for "
-            f"vocab_size={config.vocab_size} (Llama-3 layout), but the config has bos={config.bos_token_id}, "
-            f"eos={config.eos_token_id}; build the config with bitnet_config() or pass tokenizer=False"
-        )
-
     _clear_weights(directory)
     writer = _ShardWriter(directory, max_shard_bytes)
-    n_tensors = 2 + config.num_hidden_layers * (4 + 7 * (1 if mode == "online" else 2))
-    n_tensors += 0 if config.tie_word_embeddings else 1
-    show = config.num_hidden_layers > 4 if progress is None else progress
-    with tqdm(total=n_tensors, desc=f"writing {mode} checkpoint", unit="tensor", disable=not show) as bar:
-        for name, tensor in _model_tensors(config, mode, seed, dtype):
+    with tqdm(total=total, desc=f"writing {mode} checkpoint", unit="tensor", disable=not progress) as bar:
+        for name, tensor in tensors:
             writer.add(name, tensor)
             bar.update(1)
         weight_files = writer.close()
@@ -515,13 +544,14 @@ def write_checkpoint(
     for weight_file in weight_files:
         os.chmod(weight_file, file_mode)
 
+    first_special = config.vocab_size - NUM_SPECIAL_TOKENS
     eos = [config.eos_token_id]
-    if llama3_layout:
+    if config.bos_token_id == first_special and config.eos_token_id == first_special + 1:
         eos.append(first_special + 9)  # <|eot_id|> ends a chat turn, as in Llama-3-Instruct
     generation = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id)
     generation.save_pretrained(directory)
-    if tokenizer:
-        write_tokenizer(directory, vocab_size=config.vocab_size, model_max_length=config.max_position_embeddings)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     return directory
 
 
@@ -595,7 +625,7 @@ def special_token_ids(vocab_size: int) -> dict[str, int]:
     return {name: first + offset for offset, name in _NAMED_SPECIAL.items()}
 
 
-def _build_tokenizer(vocab_size: int):
+def _build_tokenizer(vocab_size: int, texts: Iterable[str] | None = None):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < NUM_SPECIAL_TOKENS + 256:
@@ -619,9 +649,9 @@ def _build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknowns
         special_tokens=[],
     )
-    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True) if texts is None else texts, trainer=trainer)
 
-    # The small corpus gives at most a few thousand merges; fill the BPE vocabulary up to
+    # A small corpus gives fewer merges than n_bpe (the built-in one a few thousand); fill the BPE vocabulary up to
     # n_bpe with tokens no merge produces (so encoding never emits them), so the special tokens
     # land at vocab_size - 256 at every size (128000 for the 2B-4T vocabulary, as in Llama 3).
     spec = json.loads(tok.to_str())
@@ -644,11 +674,18 @@ def _build_tokenizer(vocab_size: int):
     return tok
 
 
-def write_tokenizer(path: str | os.PathLike, vocab_size: int = 128256, *, model_max_length: int = 4096) -> Path:
+def write_tokenizer(
+    path: str | os.PathLike,
+    vocab_size: int = 128256,
+    *,
+    model_max_length: int = 4096,
+    texts: Iterable[str] | None = None,
+) -> Path:
     """Write a byte-level BPE tokenizer with Llama-3 special tokens into directory ``path``.
 
-    Trained deterministically with the ``tokenizers`` library on a small built-in English text
-    (Llama-3 pre-tokenizer regex, byte-level, no unknown tokens: any UTF-8 text round-trips).
+    Trained deterministically with the ``tokenizers`` library on ``texts`` (an iterable of
+    strings, e.g. lines of a corpus), by default a small built-in English text (Llama-3
+    pre-tokenizer regex, byte-level, no unknown tokens: any UTF-8 text round-trips).
     ``len(tokenizer) == vocab_size``; the last 256 ids are the special tokens in Llama-3 order:
     ``<|begin_of_text|>`` = vocab_size - 256 (bos, prepended on encode), ``<|end_of_text|>`` =
     vocab_size - 255 (eos), ``<|start_header_id|>`` / ``<|end_header_id|>`` = + 6 / + 7,
@@ -659,7 +696,7 @@ def write_tokenizer(path: str | os.PathLike, vocab_size: int = 128256, *, model_
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tok = _build_tokenizer(vocab_size)
+    tok = _build_tokenizer(vocab_size, texts)
     tok.save(str(directory / "tokenizer.json"))
 
     added = {

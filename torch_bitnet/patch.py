@@ -25,6 +25,7 @@ from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed
+from .training import QATLinear
 
 __all__ = ["patch", "quantize_head", "replace_linear", "convert_module"]
 
@@ -161,8 +162,14 @@ def replace_linear(
     *,
     skip: tuple[str, ...] = ("lm_head",),
     kv_cache_dtype: str | None = None,
+    qat: bool = False,
 ) -> nn.Module:
     """Replace plain ``nn.Linear`` layers with ternary :class:`BitLinear` layers (absmean).
+
+    ``qat=True`` replaces them with :class:`torch_bitnet.training.QATLinear` instead, for
+    quantization-aware training or fine-tuning: the float master weights stay (the same
+    parameter objects) and train with straight-through estimators, the forward computing
+    exactly what the packed layer will; :func:`torch_bitnet.training.to_packed` then packs them.
 
     Args:
         model: any model; modified in place and returned.
@@ -171,7 +178,7 @@ def replace_linear(
         skip: module names (or name suffixes) left alone when ``filter_fn`` is None; ``lm_head``
             by default.
         kv_cache_dtype: for transformers models (those with a ``config``), how the KV cache
-            stores keys and values, as in :func:`patch`; other modules are not affected.
+            stores keys and values, as in :func:`patch`; other modules are not affected (nor QAT models, which train on transformers' attention).
 
     Ternarizing weights that were not trained for it destroys a model's quality; use this for
     BitNet-trained or BitNet-fine-tuned weights, or to measure speed. Warns if nothing matched.
@@ -181,11 +188,11 @@ def replace_linear(
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or not keep(module, name):
             continue
-        model.set_submodule(name, BitLinear.from_float(module.weight, module.bias))
+        model.set_submodule(name, QATLinear.from_linear(module) if qat else BitLinear.from_float(module.weight, module.bias))
         replaced += 1
     if replaced == 0:
         warnings.warn("torch_bitnet.replace_linear: no nn.Linear layer matched; the model is unchanged", stacklevel=2)
         return model
-    if hasattr(model, "config"):
+    if hasattr(model, "config") and not qat:
         set_kv_cache_dtype(model, kv_cache_dtype)
     return model

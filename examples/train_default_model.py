@@ -251,7 +251,7 @@ def train(args) -> None:
         raise SystemExit(f"the ops' perplexity {ops_fp32:.3f} is not within 1% of the training forward's {ppl_qat:.3f}")
 
     Path(args.heldout).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.heldout).write_text("".join(held_docs))
+    Path(args.heldout).write_text("\n".join(held_docs))  # chapters separated by a blank line
     summary = {
         "command": "python examples/train_default_model.py " + " ".join(sys.argv[1:]),
         "corpus": "King James Version (1611), Debian package bible-kjv-text 4.38 (public domain text)",

@@ -158,10 +158,13 @@ def test_missing_model_is_a_clear_error_with_status_2(capsys, tmp_path):
     assert "error" in err and "nowhere" in err and "Traceback" not in err
 
 
-def test_no_model_and_bad_options_exit_2(capsys, checkpoint):
-    assert cli.DEFAULT_MODEL is None  # until a built-in default model exists
+def test_no_model_is_a_usage_error_without_a_default(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", None)
     code, _, err = run(capsys, ["generate", "--prompt", "x"])
     assert code == 2 and "--model" in err
+
+
+def test_bad_options_exit_2(capsys, checkpoint):
     for bad in (["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "0"], ["--dtype", "float8"],
                 ["--kv-cache-dtype", "int4"], ["--lm-head", "fp8"]):
         with pytest.raises(SystemExit) as exc:

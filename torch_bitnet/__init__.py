@@ -20,12 +20,18 @@ Public API:
   (transformers BitNet models), :func:`replace_linear` (plain nn.Linear layers), :func:`fuse_layers`
   (BitNet decoder layers as four fused ops; done by ``patch`` / ``from_pretrained``), :func:`from_pretrained`,
   :func:`save_pretrained`, :func:`convert_checkpoint`
+* training: :mod:`torch_bitnet.training` (quantization-aware training with straight-through
+  estimators: ``replace_linear(model, qat=True)``, :func:`training.to_packed`,
+  :func:`training.export_checkpoint` in the 2B-4T format, :func:`training.perplexity`)
+* :data:`DEFAULT_MODEL`: the directory of the built-in default model (a small BitNet b1.58
+  trained on the King James Bible), for :func:`from_pretrained` and the command line
 * generation: :func:`generate` (static KV cache, compiled decode step), :class:`GenerationResult`
 * the KV cache of patched models (int8 on :func:`int8_attention`, or float on SDPA):
   :mod:`torch_bitnet.kv_cache`, :func:`set_kv_cache_dtype`
 """
 
-from . import int4, int8, kv_cache, packing, reference
+from . import int4, int8, kv_cache, packing, reference, training
+from .cli import DEFAULT_MODEL
 from .fuse import fuse_layers
 from .generate import GenerationResult, generate
 from .kv_cache import set_kv_cache_dtype
@@ -54,6 +60,7 @@ from .patch import patch, replace_linear
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MODEL",
     "BitLinear",
     "Int4Embedding",
     "Int4Linear",
@@ -96,6 +103,7 @@ __all__ = [
     "ternarize",
     "ternary_mm",
     "to_hf_packed",
+    "training",
     "unpack_ternary",
     "use_isa",
 ]

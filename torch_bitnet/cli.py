@@ -1,7 +1,8 @@
 """The ``torch-bitnet`` command: generate text from a prompt, chat, or benchmark a model.
 
+    torch-bitnet generate --prompt "In the beginning"   # the built-in default model
     torch-bitnet generate --model PATH --prompt "Once upon a time"
-    torch-bitnet chat --model PATH
+    torch-bitnet chat [--model PATH]
     torch-bitnet bench [--threads 1,2] [--json FILE] [--plot PNG]
 
 Text goes to stdout as it is produced; progress, speeds and errors go to stderr, so the
@@ -17,10 +18,12 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-#: The model used when --model is not given. None until a built-in default model exists;
-#: setting it here is the only change needed to make --model optional.
-DEFAULT_MODEL: str | None = None
+#: The model used when --model is not given: the built-in default model shipped inside the
+#: package (a small BitNet b1.58 trained on the King James Bible by
+#: examples/train_default_model.py; model card in its README.md). The one place to change it.
+DEFAULT_MODEL: str | None = str(Path(__file__).resolve().parent / "default_model")
 
 PROG = "torch-bitnet"
 
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint directory, or a Hugging Face hub id already in the local cache (nothing is "
         "downloaded); any BitNet b1.58 layout: microsoft/bitnet-b1.58-2B-4T's, transformers' "
         "BitLinear, bf16 master weights, or torch_bitnet's own"
-        + ("" if DEFAULT_MODEL is None else f" (default: {DEFAULT_MODEL})"),
+        + ("" if DEFAULT_MODEL is None else f" (default: the built-in model, {DEFAULT_MODEL})"),
     )
     model.add_argument(
         "--dtype",

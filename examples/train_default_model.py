@@ -275,8 +275,39 @@ def train(args) -> None:
     }
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
+    write_model_card(out, summary)
     _plot(history, evals, args.plot)
     _log(f"done in {summary['total_seconds'] / 60:.1f} min; summary in {args.summary}")
+
+
+def write_model_card(out: Path, summary: dict) -> None:
+    """``README.md`` next to the weights: what the model is, its data, licence and figures."""
+    ppl, cfg = summary["perplexity"], summary["config"]
+    rows = "\n".join(f"| {name} | {value} |" for name, value in ppl.items())
+    out.joinpath("README.md").write_text(f"""# torch_bitnet default model
+
+A small BitNet b1.58 language model (ternary weights, 8-bit activations) trained from scratch
+with quantization-aware training by `examples/train_default_model.py` of torch_bitnet, and
+shipped inside the package as its default model. It is a demonstration and test model: it
+writes King-James-style English and knows nothing else.
+
+- Architecture: transformers `BitNetForCausalLM`, hidden {cfg["hidden_size"]}, {cfg["num_hidden_layers"]} layers,
+  {cfg["num_attention_heads"]} heads / {cfg["num_key_value_heads"]} KV head, relu2 MLP of {cfg["intermediate_size"]}, tied embeddings,
+  vocabulary {cfg["vocab_size"]} (byte-level BPE, Llama-3 special tokens in the last 256 ids);
+  {summary["parameters"] / 1e6:.2f} M parameters.
+- Format: the one of microsoft/bitnet-b1.58-2B-4T (packed uint8 ternary weights, bf16 scales,
+  embedding and norms; quantization_config autobitlinear / offline); {summary["checkpoint_bytes"] / 1e6:.2f} MB.
+- Data: {summary["corpus"]}; held out: {summary["heldout"]}.
+  The text is public domain. Training tokens: {summary["tokens"]["train"]}; held-out tokens: {summary["tokens"]["heldout"]}.
+- Training: {summary["training"]}; {summary["train_seconds"] / 60:.0f} min on 2 CPU cores, torch {summary["torch"]}.
+- Reproduce: `{summary["command"]}`
+
+Held-out perplexity (256-token windows):
+
+| forward | perplexity |
+|---|---|
+{rows}
+""")
 
 
 def _plot(history, evals, path: str) -> None:
@@ -314,15 +345,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="where to write the held-out text (the tests read it)")
     p.add_argument("--summary", default=str(ROOT / "docs" / "default_model.json"), help="figures, JSON")
     p.add_argument("--plot", default=str(ROOT / "docs" / "default_model_loss.png"), help="loss curve, PNG")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000, about an hour)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training / evaluation window")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine decay to 10%%)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the matrices")
+    p.add_argument("--vocab", type=int, default=4096, help="tokenizer size, incl. 256 special tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all)")
     train(p.parse_args(argv))
 
 

@@ -176,7 +176,7 @@ def test_bad_options_exit_2(capsys, checkpoint):
 def test_console_process_exit_status_without_traceback(tmp_path):
     """As a real process (what the console script runs): status 2, one error line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch_bitnet.cli", "chat", "--model", str(tmp_path / "nowhere")],
+        [sys.executable, "-m", "torch_bitnet", "chat", "--model", str(tmp_path / "nowhere")],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2

@@ -343,7 +343,11 @@ def test_perplexity_is_exp_of_the_mean_cross_entropy(trained_bitnet):
     with torch.no_grad():
         logits = model(input_ids=windows).logits[:, :-1]
     want = math.exp(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))))
-    assert got == pytest.approx(want, rel=1e-6)
+    # Batches of 3 and 1 windows vs one of 4: the float32 matmuls block differently, which
+    # moves logits in their last bits (and may move an activation across an int8 rounding
+    # boundary): 1e-4 relative.
+    assert got == pytest.approx(want, rel=1e-4)
+    assert perplexity(model, ids, 16, batch_size=4) == pytest.approx(want, rel=1e-6)
 
 
 def test_tokenizer_trained_on_given_texts(tmp_path):

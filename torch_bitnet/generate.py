@@ -241,13 +241,18 @@ def _resolve_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str | None) -> str
     return kv_cache.get_kv_cache_dtype(model) or kv_cache.default_kv_cache_dtype()
 
 
+#: inductor options of the compiled decode step (see DecodeSession.__init__)
+_COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 class DecodeSession:
     """A static KV cache for one model and the decode step that runs on it.
 
     ``kv_cache_dtype`` (``int8`` | ``bf16`` | ``fp32``) defaults to the model's setting
     (:func:`torch_bitnet.kv_cache.set_kv_cache_dtype`), else ``BITNET_KV_CACHE_DTYPE``, else int8.
 
-    :meth:`step` runs ``torch.compile(decode_one_token, fullgraph=True, dynamic=False)`` (or
+    :meth:`step` runs ``torch.compile(decode_one_token, fullgraph=True, dynamic=False)`` with
+    inductor's ``emulate_precision_casts`` (bf16 intermediates rounded as in eager) (or
     the plain function with ``compile=False``) on the session's cache. :meth:`warm_up` compiles
     it on a dummy token so the compilation is timed apart from generation. The session holds no
     reference to the model: pass the same model (or one of the same architecture and dtype) to
@@ -264,8 +269,15 @@ class DecodeSession:
         self.kv_cache_dtype = _resolve_kv_cache_dtype(model, kv_cache_dtype)
         with torch.inference_mode():
             self.cache = _new_static_cache(model, max_seq_len, self.kv_cache_dtype)
+        # emulate_precision_casts: inductor fuses the bf16 elementwise ops around our ops (RoPE,
+        # residual adds) and by default rounds only the fused result; eager rounds every
+        # intermediate to bf16. With it the compiled step rounds as eager does, so compiled
+        # and eager greedy decoding give the same tokens (the default model's first
+        # difference was at token 12 without it).
         self._step: Callable = (
-            torch.compile(decode_one_token, fullgraph=True, dynamic=False) if compile else decode_one_token
+            torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=_COMPILE_OPTIONS)
+            if compile
+            else decode_one_token
         )
         self.warm = not compile  # the eager step has nothing to warm up
         self.compile_seconds = 0.0

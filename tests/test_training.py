@@ -359,3 +359,33 @@ def test_tokenizer_trained_on_given_texts(tmp_path):
     ids = tok("And the LORD spake unto Moses", add_special_tokens=False)["input_ids"]
     assert len(ids) <= 6  # whole words are single tokens after training on them
     assert tok.decode(ids) == "And the LORD spake unto Moses"
+
+
+def test_qat_fine_tunes_a_bf16_master_checkpoint(tmp_path):
+    """A -bf16 master checkpoint loaded by transformers (online AutoBitLinear) fine-tunes in
+    place: its layers become QATLinear with the same parameters and the same forward, and the
+    packed model gives the trained forward bit for bit."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from torch_bitnet.checkpoints import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "online", small_config("tiny"), mode="online", seed=3, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    master = model.model.layers[0].mlp.up_proj.weight
+    torch_bitnet.replace_linear(model, qat=True)
+    assert not any(isinstance(m, AutoBitLinear) for m in model.modules())
+    assert model.model.layers[0].mlp.up_proj.weight is master
+    with torch.no_grad():
+        # transformers dequantizes before its matmul: float32 rounding apart
+        assert (model(input_ids=ids).logits - before).norm() <= 1e-4 * before.norm()
+    losses = _train(model, 768, 15)
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        to_packed(model)
+        assert torch.equal(model(input_ids=ids).logits, trained)

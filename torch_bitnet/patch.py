@@ -156,6 +156,15 @@ def _default_filter(skip: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
     return keep
 
 
+def _is_master_bitlinear(module: nn.Module) -> bool:
+    """transformers' online ``AutoBitLinear`` without an input norm: float master weights (the
+    ``-bf16`` checkpoints) computing exactly what a :class:`QATLinear` computes, so QAT can
+    fine-tune them in place."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    return isinstance(module, AutoBitLinear) and module.online_quant and module.rms_norm is None
+
+
 def replace_linear(
     model: nn.Module,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -170,6 +179,9 @@ def replace_linear(
     quantization-aware training or fine-tuning: the float master weights stay (the same
     parameter objects) and train with straight-through estimators, the forward computing
     exactly what the packed layer will; :func:`torch_bitnet.training.to_packed` then packs them.
+    With ``qat=True`` transformers' online ``AutoBitLinear`` layers (a ``-bf16`` master-weight
+    BitNet checkpoint loaded by transformers) are converted too: that fine-tunes a released
+    BitNet from its master weights.
 
     Args:
         model: any model; modified in place and returned.
@@ -186,7 +198,8 @@ def replace_linear(
     keep = filter_fn if filter_fn is not None else _default_filter(skip)
     replaced = 0
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or not keep(module, name):
+        plain = type(module) is nn.Linear or (qat and _is_master_bitlinear(module))
+        if not plain or not keep(module, name):
             continue
         model.set_submodule(name, QATLinear.from_linear(module) if qat else BitLinear.from_float(module.weight, module.bias))
         replaced += 1

@@ -5,10 +5,9 @@
 
 #include <immintrin.h>
 
+#include "avx2_common.h"
 #include "kernels.h"
 
-#define TB_AVX2 __attribute__((target("avx2")))
-#define TB_AVX2_INLINE TB_AVX2 inline __attribute__((always_inline))
 
 namespace tbn {
 namespace {

@@ -15,10 +15,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "avx2_common.h"
 #include "kernels.h"
 
-#define TB_AVX2 __attribute__((target("avx2")))
-#define TB_AVX2_INLINE TB_AVX2 inline __attribute__((always_inline))
 // Loops over tokens are unrolled with "#pragma GCC unroll" so the accumulator arrays live in
 // registers (see kernels_avx512.cpp).
 
@@ -31,31 +30,6 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// 8 x 8 transpose of dwords: lane j of v[r] -> lane r of v[j] (24 shuffles).
-TB_AVX2_INLINE void transpose8(__m256i (&v)[8]) {
-  __m256i t[8];
-  // t[2i], per 128-bit lane L: [v2i.4L, v2i+1.4L, v2i.4L+1, v2i+1.4L+1]; t[2i+1] the same for 4L+2, 4L+3
-  #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  // v[4i + e], 128-bit lane L: rows 4i .. 4i+3 of column 4L + e
-  #pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) {
-    v[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    v[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  #pragma GCC unroll 4
-  for (int e = 0; e < 4; ++e) {
-    t[e] = _mm256_permute2x128_si256(v[e], v[4 + e], 0x20);
-    t[4 + e] = _mm256_permute2x128_si256(v[e], v[4 + e], 0x31);
-  }
-  #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) v[i] = t[i];
-}
 
 // MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. The tile's first pass
 // (token tile 0, half 0) reads it from DRAM as one sequential stream, left to the hardware

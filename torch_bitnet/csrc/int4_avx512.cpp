@@ -9,22 +9,12 @@
 // order: the scalar kernel's sequence of operations, so the results are bit-identical.
 #if defined(__x86_64__) || defined(_M_X64)
 
-// GCC 12.2's AVX-512 headers define _mm512_undefined_epi32() as a self-initialised variable,
-// which -Wall reports at every inlined gather / conversion below (false positives).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstring>
 
+#include "avx512_common.h"
 #include "kernels.h"
 
-#define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
 // Loops over tokens / accumulators are unrolled with "#pragma GCC unroll" so the accumulator
 // arrays live in registers (see kernels_avx512.cpp).
 
@@ -57,38 +47,6 @@ TB_AVX512_INLINE void store16(const Int4Problem& p, int64_t at, __mmask16 rows, 
   _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.out) + at, rows, bits);
 }
 
-// 16 x 16 transpose of dwords: lane j of v[r] -> lane r of v[j] (64 shuffles).
-TB_AVX512_INLINE void transpose16(__m512i (&v)[16]) {
-  __m512i t[16];
-  // t[2i], per 128-bit lane L: [v2i.4L, v2i+1.4L, v2i.4L+1, v2i+1.4L+1]; t[2i+1] the same for 4L+2, 4L+3
-  #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  // v[4i + e], 128-bit lane L: rows 4i .. 4i+3 of column 4L + e
-  #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // column 4L + e = lane L of v[e], v[4 + e], v[8 + e], v[12 + e]
-  #pragma GCC unroll 4
-  for (int e = 0; e < 4; ++e) {
-    const __m512i a = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x88);
-    const __m512i b = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xDD);
-    const __m512i c = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x88);
-    const __m512i d = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0xDD);
-    t[e] = _mm512_shuffle_i32x4(a, c, 0x88);
-    t[8 + e] = _mm512_shuffle_i32x4(a, c, 0xDD);
-    t[4 + e] = _mm512_shuffle_i32x4(b, d, 0x88);
-    t[12 + e] = _mm512_shuffle_i32x4(b, d, 0xDD);
-  }
-  #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) v[i] = t[i];
-}
 
 // MR tokens (m ..) x the 16 rows of tile t, the whole K; `rows` masks the rows that exist.
 // A tile is one contiguous run of 16 x Kp / 2 bytes (and its scales one of 16 x Kp / 16), read

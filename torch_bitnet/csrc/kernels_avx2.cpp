@@ -17,10 +17,9 @@
 #include <new>
 #include <utility>
 
+#include "avx2_common.h"
 #include "kernels.h"
 
-#define TB_AVX2 __attribute__((target("avx2")))
-#define TB_AVX2_INLINE TB_AVX2 inline __attribute__((always_inline))
 // Loops over tile rows/tokens are unrolled early ("#pragma GCC unroll") so the accumulator
 // arrays live in registers (see kernels_avx512.cpp).
 
@@ -188,32 +187,6 @@ constexpr int64_t kChunkRows = 8 * kChunkVecs;
 constexpr int kChunkMR = 4;
 constexpr int64_t kChunkMinM = 4;
 
-// 8 vectors of 8 dwords -> their transpose: out[j] lane r = in[r] lane j.
-TB_AVX2_INLINE void transpose8(__m256i (&v)[8]) {
-  __m256i t[8];
-  // t[2i], t[2i+1] per 128-bit lane L: rows 2i, 2i+1 at dwords 4L, 4L+1 / 4L+2, 4L+3
-  #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  // v[4g + c] per 128-bit lane L: rows 4g .. 4g + 3 at dword 4L + c
-  #pragma GCC unroll 2
-  for (int g = 0; g < 2; ++g) {
-    v[4 * g + 0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    v[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    v[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    v[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  // out[c] = rows 0-3 | rows 4-7 at dword c (low lanes), out[4 + c] at dword 4 + c (high lanes)
-  #pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    t[c] = _mm256_permute2x128_si256(v[c], v[4 + c], 0x20);
-    t[4 + c] = _mm256_permute2x128_si256(v[c], v[4 + c], 0x31);
-  }
-  #pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) v[j] = t[j];
-}
 
 // 8 packed rows (from w, stride ldw; only the first `rows` real unless Full, the others read
 // as zero codes) x one 64-byte block -> code vector q = 16 i + 8 h + j (plane i, half h,

@@ -258,37 +258,6 @@ constexpr int64_t kPanelMinM = 128;
 // Prefetch distance of the packed rows in unpack16: two blocks ahead.
 constexpr int64_t kUnpackPrefetch = 128;
 
-// 16 vectors of 16 dwords -> their transpose: out[j] lane r = in[r] lane j.
-TB_AVX512_INLINE void transpose16(__m512i (&v)[16]) {
-  __m512i t[16];
-  // t[2i], t[2i+1] per 128-bit lane L: rows 2i, 2i+1 at dwords 4L, 4L+1 / 4L+2, 4L+3
-  #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  // v[4g + c] per 128-bit lane L: rows 4g .. 4g + 3 at dword 4L + c
-  #pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {
-    v[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    v[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    v[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    v[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-  // 4 x 4 transpose of 128-bit lanes among v[c], v[4 + c], v[8 + c], v[12 + c]
-  #pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512i a0 = _mm512_shuffle_i32x4(v[c], v[4 + c], 0x44), a1 = _mm512_shuffle_i32x4(v[c], v[4 + c], 0xEE);
-    const __m512i a2 = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0x44);
-    const __m512i a3 = _mm512_shuffle_i32x4(v[8 + c], v[12 + c], 0xEE);
-    t[c] = _mm512_shuffle_i32x4(a0, a2, 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(a0, a2, 0xDD);
-    t[8 + c] = _mm512_shuffle_i32x4(a1, a3, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(a1, a3, 0xDD);
-  }
-  #pragma GCC unroll 16
-  for (int j = 0; j < 16; ++j) v[j] = t[j];
-}
 
 // 16 packed rows (from w, stride ldw; only the first `rows` real unless Full, the others
 // read as zero codes) x one 64-byte block -> code vector q = 16 i + j (plane i, dword j) at

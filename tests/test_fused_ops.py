@@ -17,11 +17,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from test_ops import ROW_KIND, SEEDS, W_MODES, assert_bitwise_equal, make_x, random_ternary
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_bitnet
 from torch_bitnet import reference
 from torch_bitnet.packing import pack_ternary, padded_in_features
+
+from _error_cases import error_tests
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BL = torch.ops.bitnet.bitlinear.default
@@ -242,16 +243,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_eager(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
-
-
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_fake_kernels(call, exc, match):
-    with FakeTensorMode(), pytest.raises(exc, match=match):
-        call()
+test_errors_eager, test_errors_fake_kernels = error_tests(ERROR_CASES)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import torch
 import torch._dynamo.testing
 from hypothesis import given
 from hypothesis import strategies as st
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torch_bitnet
 from torch_bitnet import int8, reference
@@ -34,6 +33,8 @@ from torch_bitnet.int8 import MAX_FEATURES, dequantize_int8_rows, int8_shape, pa
 # The activation generators and the bitwise comparison of the bitlinear tests (tests/ is on
 # sys.path under pytest's default import mode).
 from test_ops import FLOAT_DTYPES, ROW_KINDS, assert_bitwise_equal, make_x
+
+from _error_cases import error_tests
 
 IL = torch.ops.bitnet.int8_linear.default
 IE = torch.ops.bitnet.int8_embedding.default
@@ -461,17 +462,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_eager(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
-
-
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_fake_kernels(call, exc, match):
-    """The fake kernels repeat every C++ check, so compiled code fails like eager code."""
-    with FakeTensorMode(), pytest.raises(exc, match=match):
-        call()
+test_errors_eager, test_errors_fake_kernels = error_tests(ERROR_CASES)
 
 
 def test_errors_reference():

@@ -33,6 +33,8 @@ import torch_bitnet
 from torch_bitnet import reference
 from torch_bitnet.packing import MAX_IN_FEATURES, pack_ternary, padded_in_features
 
+from _error_cases import error_tests
+
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # K values that sit on and around the 256-weight block edges, the 2B-4T sizes, and K = 1.
 SPECIAL_K = [1, 255, 256, 257, 688, 1000, 2560]
@@ -749,17 +751,7 @@ ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_eager(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
-
-
-@pytest.mark.parametrize("call,exc,match", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
-def test_errors_fake_kernels(call, exc, match):
-    """The fake kernels repeat every C++ check, so compiled code fails like eager code."""
-    with FakeTensorMode(), pytest.raises(exc, match=match):
-        call()
+test_errors_eager, test_errors_fake_kernels = error_tests(ERROR_CASES)
 
 
 def test_typed_wrappers_raise_too():

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from . import reference
+from .loading import LINEARS
 from .nn import BitLinear
-from .packing import ternarize
+from .packing import ternarize, to_hf_packed
 
 __all__ = ["QATLinear", "bitlinear_ste", "export_checkpoint", "perplexity", "to_packed"]
 
@@ -166,10 +167,6 @@ def to_packed(model: nn.Module) -> nn.Module:
 # export in the microsoft/bitnet-b1.58-2B-4T format
 # --------------------------------------------------------------------------------------------
 
-_LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 def _ternary_layer(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ternary int8 (N, K), scale float32 (1,)) of a QATLinear, nn.Linear (master weight) or BitLinear."""
     if isinstance(module, BitLinear):
@@ -184,11 +181,10 @@ def _ternary_layer(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Te
 
 
 def _checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> Iterable[tuple[str, torch.Tensor]]:
-    from .packing import to_hf_packed
 
     state = model.state_dict()
     for key, tensor in state.items():
-        if key.startswith("model.layers.") and any(f".{n}." in key for n in _LINEAR_NAMES):
+        if key.startswith("model.layers.") and any(f".{n}." in key for n in LINEARS):
             continue  # the linear layers are written below, packed
         if key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # tied: stored once, as model.embed_tokens.weight (as in 2B-4T)
@@ -196,7 +192,7 @@ def _checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> Iterable[tuple[
             raise ValueError(f"torch_bitnet: {key} is {tensor.dtype}; export needs float embeddings and norms")
         yield key, tensor.detach().to(dtype).contiguous()
     for i, layer in enumerate(model.model.layers):
-        for name in _LINEAR_NAMES:
+        for name in LINEARS:
             full = f"model.layers.{i}.{name}"
             wq, scale = _ternary_layer(layer.get_submodule(name), full)
             yield f"{full}.weight", to_hf_packed(wq).contiguous()

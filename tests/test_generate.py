@@ -197,6 +197,35 @@ def test_decode_step_one_graph_no_recompile_to_the_end_of_the_cache(float_head_m
                 assert float((step > 0).float().mean()) < 2e-2
 
 
+def test_steady_state_steps_skip_guards_and_give_the_same_logits(model, tokenizer):
+    """``same_as_last=True`` (dynamo's guard evaluation skipped) runs the same compiled graph:
+    the logits of 12 steps equal, bit for bit, those of the same steps run with every guard
+    checked, from the same prompt; and it compiles nothing new."""
+    session = DecodeSession(model, MAX_SEQ_LEN, compile=True)
+    session.warm_up(model)
+    prompt = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+
+    def run(same_as_last: bool) -> list[torch.Tensor]:
+        out = []
+        with torch.inference_mode():
+            session.reset()
+            token = prefill(model, prompt, session.cache).argmax(-1, keepdim=True)
+            position = torch.tensor([prompt.shape[1]])
+            for i in range(12):
+                out.append(session.step(model, token, position, same_as_last=same_as_last and i > 0))
+                token = out[-1].argmax(-1, keepdim=True)
+                position += 1
+        return out
+
+    checked = run(False)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        skipped = run(True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for a, b in zip(checked, skipped):
+        assert torch.equal(a, b)
+
+
 def test_generate_does_not_recompile_across_calls_and_under_inference_mode(model, tokenizer):
     generate(model, tokenizer, PROMPT, 4, max_seq_len=MAX_SEQ_LEN)  # compiled (or reused) here
     graphs = counters["stats"]["unique_graphs"]

@@ -223,8 +223,8 @@ def measure(
         stages.set_postfix_str("decode")
         position = torch.tensor([prompt_len])
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = session.step(model, token, position).argmax(-1, keepdim=True)
+        for i in range(new_tokens):
+            token = session.step(model, token, position, same_as_last=i > 0).argmax(-1, keepdim=True)
             position += 1
         decode_s = time.perf_counter() - start
     stages.update()

@@ -7,10 +7,12 @@
 Each configuration (one per thread count) runs in a fresh child process, so its peak RSS is
 its own. A run: the RSS of the runtime alone (Python, torch, transformers, torch_bitnet, before
 any weight), load the model (seconds, peak RSS after loading), compile the decode step with
-an empty inductor cache (cold) and again after ``torch._dynamo.reset()`` (warm: what a second
-run of the same model pays), prefill a prompt (time to first token, prompt tokens/s), decode
-new tokens with the compiled step (tokens/s), then peak RSS, the model's bytes by kind, the KV
-cache bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
+an empty inductor cache (cold), prefill a prompt (time to first token, prompt tokens/s), decode
+new tokens with the compiled step (tokens/s), then the peak RSS of that whole run (what one
+``generate`` call of this size holds at most), then compile again after
+``torch._dynamo.reset()`` (warm: what a second run of the same model pays; after the peak is
+read, since a second compiled graph in the same process is not part of a run), the model's
+bytes by kind, the KV cache bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
 threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
 but the embedding table, plus the KV cache at the mean context) times tokens/s.
 
@@ -205,11 +207,6 @@ def measure(
     session = prepare(model, prompt_len + new_tokens)  # allocates the cache, compiles the step
     cold = session.compile_seconds
     stages.update()
-    stages.set_postfix_str("compiling (warm)")
-    torch._dynamo.reset()
-    session.warm = False
-    warm = session.warm_up(model)
-    stages.update()
     stages.set_postfix_str("prefill")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -227,9 +224,14 @@ def measure(
             token = session.step(model, token, position, same_as_last=i > 0).argmax(-1, keepdim=True)
             position += 1
         decode_s = time.perf_counter() - start
+    peak = _peak_rss_mb()  # load + cold compile + prefill + decode: one generate run
+    stages.update()
+    stages.set_postfix_str("compiling (warm)")
+    torch._dynamo.reset()
+    session.warm = False
+    warm = session.warm_up(model)
     stages.update()
     stages.close()
-    peak = _peak_rss_mb()
     sizes = bytes_by_kind(model)
     cache_bytes = _cache_bytes(session.cache)
     # One decode token reads every weight except the embedding table (one row of it), and the

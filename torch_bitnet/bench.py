@@ -12,8 +12,8 @@ new tokens with the compiled step (tokens/s), then the peak RSS of that whole ru
 ``generate`` call of this size holds at most), then compile again after
 ``torch._dynamo.reset()`` (warm: what a second run of the same model pays; after the peak is
 read, since a second compiled graph in the same process is not part of a run), the model's
-bytes by kind, the KV cache bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
-threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
+bytes by kind, the KV cache bytes, and the machine's read bandwidth
+(:func:`torch_bitnet.stream_max` over 1 GiB, same threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
 but the embedding table, plus the KV cache at the mean context) times tokens/s.
 
 The default model is written once into ``--workdir`` (random ternary weights in the exact

@@ -277,8 +277,7 @@ class DecodeSession:
         # size_asserts / alignment_asserts off: the generated wrapper would otherwise check the
         # shape and strides of every input (~700 weights for 2B-4T) and every op output on each
         # token; dynamo's guards already checked the inputs, and our ops check what they read
-        # (measured with the guard skip of same_as_last, in one process, alternating blocks:
-        # 0.3 ms less per token on the 6-layer default model, 0.7 ms at 2B-4T, 2 threads).
+        # (measured together with the guard skip: see step).
         self._step: Callable = (
             torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=_COMPILE_OPTIONS)
             if compile

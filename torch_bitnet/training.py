@@ -181,7 +181,6 @@ def _ternary_layer(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Te
 
 
 def _checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> Iterable[tuple[str, torch.Tensor]]:
-
     state = model.state_dict()
     for key, tensor in state.items():
         if key.startswith("model.layers.") and any(f".{n}." in key for n in LINEARS):

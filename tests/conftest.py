@@ -31,11 +31,22 @@ settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
-def isa(request):
-    """Run the test with the kernels forced onto one SIMD path (skipped if the CPU lacks it)."""
-    name = request.param
+def _forced_isa(name: str):
     if name not in torch_bitnet.available_isas():
         pytest.skip(f"this CPU cannot run the {name} path")
     with torch_bitnet.use_isa(name):
         yield name
+
+
+# avx512vbmi differs from avx512 only in its 5-trit weight kernels: tests of everything else use
+# `isa`, tests of 5-trit weights `isa5`.
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request):
+    """Run the test with the kernels forced onto one SIMD path (skipped if the CPU lacks it)."""
+    yield from _forced_isa(request.param)
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512vbmi"])
+def isa5(request):
+    """As ``isa``, over every path including avx512vbmi (the 5-trit weight kernels)."""
+    yield from _forced_isa(request.param)

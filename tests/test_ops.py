@@ -231,7 +231,7 @@ def test_env_var_forces_path_at_import():
     assert done.stdout.strip() == "scalar"
     done = _import_with_env("sse9")
     assert done.returncode != 0
-    assert "TORCH_BITNET_ISA='sse9' is not one of scalar, avx2, avx512" in done.stderr
+    assert "TORCH_BITNET_ISA='sse9' is not one of scalar, avx2, avx512, avx512vbmi" in done.stderr
 
 
 # --------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
 from .int4 import dequantize_int4_rows, quantize_int4_rows
 from .int8 import dequantize_int8_rows, quantize_int8_rows
-from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, set_ternary_format
 from .ops import (
     bitlinear,
     bitlinear_relu2_glu,
@@ -54,7 +54,7 @@ from .ops import (
     stream_max,
     ternary_mm,
 )
-from .packing import from_hf_packed, pack_ternary, ternarize, to_hf_packed, unpack_ternary
+from .packing import from_hf_packed, pack_ternary, repack, ternarize, to_hf_packed, unpack_ternary
 from .patch import patch, replace_linear
 
 __version__ = "0.1.0"
@@ -97,8 +97,10 @@ __all__ = [
     "quantize_int4_rows",
     "quantize_int8_rows",
     "reference",
+    "repack",
     "set_isa",
     "set_kv_cache_dtype",
+    "set_ternary_format",
     "stream_max",
     "ternarize",
     "ternary_mm",

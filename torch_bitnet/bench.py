@@ -77,13 +77,13 @@ def _rss_mb() -> float:
 
 
 def prepare_checkpoint(
-    workdir: Path, *, lm_head: str = "int8", transformers_copy: bool = False
+    workdir: Path, *, lm_head: str = "int8", transformers_copy: bool = False, ternary_format: str = "2bit"
 ) -> tuple[Path, Path | None]:
     """Write (once) the random 2B-4T-shaped checkpoint and its torch_bitnet conversions.
 
     Returns (our packed checkpoint with its embedding / lm_head table stored in ``lm_head``
-    form, the same weights in transformers' ``bitlinear`` layout if ``transformers_copy``,
-    hard-linked, else None).
+    form and its BitLinear weights in ``ternary_format``, the same weights in transformers'
+    ``bitlinear`` layout if ``transformers_copy``, hard-linked, else None).
     """
     import torch
 
@@ -103,6 +103,13 @@ def prepare_checkpoint(
             print(f"storing its {lm_head} embedding / lm_head in {quantized_dir} (once)", file=sys.stderr)
             convert_checkpoint(ours_dir, quantized_dir, dtype=torch.bfloat16, progress=True, lm_head=lm_head)
         ours_dir = quantized_dir
+    if ternary_format != "2bit":
+        packed_dir = ours_dir.with_name(f"{ours_dir.name}-{ternary_format}")
+        if not (packed_dir / "config.json").is_file():
+            print(f"storing its weights {ternary_format} in {packed_dir} (once)", file=sys.stderr)
+            convert_checkpoint(ours_dir, packed_dir, dtype=torch.bfloat16, progress=True, lm_head=lm_head,
+                               ternary_format=ternary_format)
+        ours_dir = packed_dir
     if not transformers_copy:
         return ours_dir, None
     bitlinear_dir = workdir / "2b4t-bitlinear"
@@ -181,6 +188,7 @@ def measure(
     lm_head: str = "int8",
     chunk_size: int | None = None,
     progress: bool = True,
+    ternary_format: str | None = None,
 ) -> dict:
     """One benchmark run in this process (see the module docstring); returns its figures.
 
@@ -192,7 +200,9 @@ def measure(
     from tqdm.auto import tqdm
 
     from .generate import prefill, prepare
+    from .isa import get_isa
     from .loading import from_pretrained
+    from .nn import BitLinear
 
     from transformers import BitNetForCausalLM  # noqa: F401  (imported here so the runtime's RSS counts it)
 
@@ -200,7 +210,8 @@ def measure(
     stages = tqdm(total=5, desc="bench", disable=not progress, file=sys.stderr)
     stages.set_postfix_str("loading")
     start = time.perf_counter()
-    model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, progress=False)
+    model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, progress=False,
+                            ternary_format=ternary_format)
     load_s, load_peak, load_rss = time.perf_counter() - start, _peak_rss_mb(), _rss_mb()
     stages.update()
     stages.set_postfix_str("compiling (cold)")
@@ -246,6 +257,8 @@ def measure(
         "threads": torch.get_num_threads(),
         "kv_cache_dtype": session.kv_cache_dtype,
         "lm_head": lm_head,
+        "ternary_format": next(m.ternary_format for m in model.modules() if isinstance(m, BitLinear)),
+        "isa": get_isa(),
         "runtime_rss_mb": runtime_rss,
         "load_s": load_s,
         "load_peak_rss_mb": load_peak,
@@ -306,6 +319,7 @@ def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache
         "which": which, "path": str(path), "threads": threads, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens if which == "ours" else args.transformers_new_tokens,
         "kv_cache_dtype": args.kv_cache_dtype, "lm_head": args.lm_head, "chunk_size": args.chunk_size,
+        "ternary_format": args.ternary_format,
     }
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
@@ -324,7 +338,8 @@ def _worker(spec_json: str) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["which"] == "ours":
         result = measure(Path(spec["path"]), prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"],
-                         kv_cache_dtype=spec["kv_cache_dtype"], lm_head=spec["lm_head"], chunk_size=spec["chunk_size"])
+                         kv_cache_dtype=spec["kv_cache_dtype"], lm_head=spec["lm_head"], chunk_size=spec["chunk_size"],
+                         ternary_format=spec["ternary_format"])
     else:
         result = measure_transformers(Path(spec["path"]), prompt_len=spec["prompt_len"],
                                       new_tokens=spec["new_tokens"])
@@ -394,6 +409,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8",
                         help="embedding / lm_head table: int8 per row (default), int4 in groups of 32, or bf16 as "
                         "stored (exact)")
+    parser.add_argument("--ternary-format", choices=("2bit", "5trit"),
+                        help="how BitLinear weights are packed: 2bit, or 5trit (1.6 bits per weight; fast decode "
+                        "needs AVX-512 VBMI) (default: 2bit, or as --model stores them)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",
                         help="also run transformers' own BitNet path on the same weights (slow: few decode tokens)")
@@ -414,7 +432,8 @@ def run(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"{args.model}: no config.json (not a checkpoint directory)")
         ours, theirs = args.model, (args.model if args.transformers else None)
     else:
-        ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers)
+        ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers,
+                                          ternary_format=args.ternary_format or "2bit")
     results: dict[str, list[dict]] = {"torch_bitnet": []}
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:
@@ -427,7 +446,8 @@ def run(args: argparse.Namespace) -> dict:
     header = (
         f"CPU: {cpu_model()} | torch {torch.__version__} | {datetime.date.today().isoformat()} | "
         f"model: {args.model or 'random weights, bitnet-b1.58-2B-4T shape'} | prompt {args.prompt_len}, "
-        f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']} | lm_head {first['lm_head']}"
+        f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']} | lm_head {first['lm_head']} | "
+        f"ternary {first['ternary_format']} | ISA {first['isa']}"
     )
     print(header)
     print(format_table(results))

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         "int4 in groups of 32 (28%% of the bytes: faster decode, ~10%% logit error) or bf16 as stored (exact)",
     )
     engine.add_argument(
+        "--ternary-format", choices=("2bit", "5trit"),
+        help="how the ternary weights are packed in memory: 2bit, or 5trit (1.6 bits per weight: less "
+        "memory, faster decode with several threads on CPUs with AVX-512 VBMI, slower elsewhere) "
+        "(default: as the checkpoint stores them, else 2bit)",
+    )
+    engine.add_argument(
         "--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
         help="how the KV cache stores keys and values: int8 (torch_bitnet's int8 attention, half the "
         "bytes of bf16) or a float cache attended by PyTorch's SDPA (default: $BITNET_KV_CACHE_DTYPE "
@@ -253,7 +259,10 @@ def _load(args):
     start = time.perf_counter()
     try:
         directory = resolve_model_path(path)
-        model = from_pretrained(directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype, lm_head=args.lm_head)
+        model = from_pretrained(
+            directory, dtype=dtype, kv_cache_dtype=kv_cache_dtype, lm_head=args.lm_head,
+            ternary_format=args.ternary_format,
+        )
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as err:  # missing files (FileNotFoundError), not a BitNet checkpoint
         raise UsageError(f"cannot load model {path!r}: {err}") from None

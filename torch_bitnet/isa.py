@@ -1,8 +1,12 @@
 """Which SIMD code path the kernels run.
 
-At import the fastest path the CPU supports is chosen (``avx512`` needs AVX-512
-F/BW/VL/VNNI, ``avx2`` needs AVX2 and FMA; ``scalar`` is portable C++ and always present).
-The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512`` forces one path at
+At import the fastest path the CPU supports is chosen (``avx512vbmi`` needs AVX-512
+F/BW/VL/VNNI and VBMI, ``avx512`` the same without VBMI, ``avx2`` needs AVX2 and FMA;
+``scalar`` is portable C++ and always present). ``avx512vbmi`` is ``avx512`` plus the
+kernels that stream 5-trit weights (``packing.py``) in decode; every other path multiplies
+5-trit weights by unpacking them to the 2-bit format first, which is correct but, for one
+token at a time, slower than keeping the model in the 2-bit format.
+The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512|avx512vbmi`` forces one path at
 import; :func:`set_isa` / :func:`use_isa` switch at run time (tests use them to run every
 path on one machine). Asking for a path the CPU lacks raises ``RuntimeError``.
 """
@@ -20,7 +24,7 @@ from . import ops  # noqa: F401  (loads the extension)
 __all__ = ["ISAS", "ENV_VAR", "available_isas", "get_isa", "set_isa", "use_isa"]
 
 #: every path the extension knows, slowest first
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")
 #: environment variable that forces a path at import
 ENV_VAR = "TORCH_BITNET_ISA"
 

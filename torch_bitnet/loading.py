@@ -10,7 +10,7 @@ cache: nothing is downloaded) in any of these layouts:
   divides);
 * float master weights (``quantization_mode`` ``online``, the ``-bf16`` repos): ternarized here;
 * torch_bitnet's own (written by :func:`save_pretrained`): already in the kernels' packed
-  form, loaded without any conversion.
+  form (2-bit or 5-trit, recorded in ``config.json``), loaded without any conversion.
 
 The model is built on the ``meta`` device and every tensor is read from the memory-mapped
 safetensors files and converted layer by layer, so no float copy of the BitNet weights
@@ -33,8 +33,8 @@ from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .int4 import int4_shapes, quantize_int4_rows
 from .int8 import int8_shape, quantize_int8_rows
-from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
-from .packing import from_hf_packed, packed_shape, ternarize
+from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, set_ternary_format
+from .packing import FORMATS, from_hf_packed, packed_shape, ternarize
 
 __all__ = ["from_pretrained", "save_pretrained", "convert_checkpoint", "resolve_model_path"]
 
@@ -169,12 +169,13 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _load_linear(ckpt: _Checkpoint, prefix: str, layer: BitLinear, kind: str) -> dict[str, torch.Tensor]:
-    """State of one BitLinear (keys relative to it) from the checkpoint, converted to our form."""
+    """State of one BitLinear (keys relative to it) from the checkpoint, converted to our form
+    (packed in the format of ``layer``'s weight)."""
     n, k = layer.out_features, layer.in_features
     has_bias = layer.bias is not None
     if kind == "ours":
         state = {
-            "weight": ckpt.get(f"{prefix}.weight", packed_shape(n, k), (torch.uint8,)),
+            "weight": ckpt.get(f"{prefix}.weight", packed_shape(n, k, layer.ternary_format), (torch.uint8,)),
             "weight_scale": ckpt.get(f"{prefix}.weight_scale", (1,), (torch.float32,)),
         }
         if has_bias:
@@ -195,7 +196,10 @@ def _load_linear(ckpt: _Checkpoint, prefix: str, layer: BitLinear, kind: str) ->
             scale = 1.0 / stored
     if not bool(torch.isfinite(scale).all()) or float(scale) == 0.0:
         raise ValueError(f"torch_bitnet: {prefix}.weight_scale gives the unusable scale {float(scale)}")
-    state = {"weight": BitLinear.from_ternary(wq, scale).weight, "weight_scale": scale.reshape(1)}
+    state = {
+        "weight": BitLinear.from_ternary(wq, scale, ternary_format=layer.ternary_format).weight,
+        "weight_scale": scale.reshape(1),
+    }
     if has_bias:
         state["bias"] = bias
     return state
@@ -241,6 +245,7 @@ def from_pretrained(
     kv_cache_dtype: str | None = None,
     lm_head: str = "int8",
     fuse: bool = True,
+    ternary_format: str | None = None,
 ) -> torch.nn.Module:
     """Load a BitNet checkpoint into a ``BitNetForCausalLM`` running on torch_bitnet's ops.
 
@@ -248,7 +253,7 @@ def from_pretrained(
         path_or_id: checkpoint directory, or a hub id whose files are in the local Hugging Face
             cache (nothing is downloaded).
         dtype: dtype of the activations, embeddings and norms (bfloat16 like the checkpoint, or
-            float32); BitLinear weights are always packed 2-bit.
+            float32); BitLinear weights are always packed ternary (``ternary_format``).
         revision: hub revision, for hub ids.
         progress: show a progress bar over layers (default: for models of more than 4 layers).
         kv_cache_dtype: ``int8`` | ``bf16`` | ``fp32``, how the model's KV cache stores keys
@@ -266,6 +271,12 @@ def from_pretrained(
         fuse: run each decoder layer as four fused ops (norms, activation quantization and
             the relu2 gating inside them; :func:`torch_bitnet.fuse_layers`). ``False`` keeps
             transformers' own layer forward over the same modules.
+        ternary_format: how BitLinear weights are packed, ``"2bit"`` or ``"5trit"``
+            (:func:`torch_bitnet.set_ternary_format` says which is faster where). Default: as a
+            torch_bitnet checkpoint stores them, else ``"2bit"``. Asking a torch_bitnet
+            checkpoint for the other format repacks every weight after loading (a few seconds
+            at 2B-4T, and the stored pages stay resident until the model is freed: save a
+            converted checkpoint with ``convert_checkpoint(..., ternary_format=...)`` instead).
 
     Returns:
         The model in eval mode, without gradients, equal to
@@ -284,9 +295,16 @@ def from_pretrained(
         raise TypeError(f"torch_bitnet: dtype must be float32, bfloat16 or float16, got {dtype}")
     if lm_head not in LM_HEADS:
         raise ValueError(f"torch_bitnet: lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+    if ternary_format is not None and ternary_format not in FORMATS:
+        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
     path = resolve_model_path(path_or_id, revision)
     raw = _read_config(path)
     ours = FORMAT_KEY in raw
+    # The format the BitLinear weights are read in: as stored in our layout, else packed
+    # straight into the one asked for.
+    read_format = raw[FORMAT_KEY].get("ternary_format", "2bit") if ours else (ternary_format or "2bit")
+    if read_format not in FORMATS:
+        raise ValueError(f"torch_bitnet: {path / CONFIG_FILE} has an unknown ternary_format {read_format!r}")
     stored_head = raw[FORMAT_KEY].get("lm_head", "bf16") if ours else "bf16"
     if stored_head != "bf16" and lm_head != stored_head:
         raise ValueError(
@@ -316,7 +334,10 @@ def from_pretrained(
 
                     rms_norm = LlamaRMSNorm(old.in_features, eps=qc.get("rms_norm_eps", 1e-6))
                 layer.set_submodule(
-                    name, BitLinear(old.in_features, old.out_features, old.bias is not None, "meta", rms_norm)
+                    name,
+                    BitLinear(
+                        old.in_features, old.out_features, old.bias is not None, "meta", rms_norm, read_format
+                    ),
                 )
         if lm_head in _QUANTIZED_HEADS:
             embedding_cls, head_cls = _QUANTIZED_HEADS[lm_head]
@@ -364,6 +385,8 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
+    if ternary_format is not None:
+        set_ternary_format(model, ternary_format)
     if fuse:
         fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
@@ -373,7 +396,8 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
     """Write a patched BitNet model in torch_bitnet's layout (read back by :func:`from_pretrained`).
 
     ``config.json`` (the model's config plus a ``torch_bitnet`` format entry) and
-    ``torch_bitnet.safetensors`` with every BitLinear's packed ``weight``, float32
+    ``torch_bitnet.safetensors`` with every BitLinear's packed ``weight`` (in its format,
+    recorded as ``"ternary_format"``; all layers must share one), float32
     ``weight_scale`` (and ``bias``), the embedding / lm_head as they are in the model (int8
     codes and row scales, recorded as ``"lm_head": "int8"``; int4 codes and group scales,
     ``"lm_head": "int4"``; or float), and the other tensors
@@ -398,13 +422,21 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
             "torch_bitnet.save_pretrained: the embedding and the lm_head must be of one form (both int8, both int4 "
             "or both float)"
         )
+    formats = sorted({m.ternary_format for m in model.modules() if isinstance(m, BitLinear)})
+    if len(formats) != 1:
+        raise ValueError(
+            f"torch_bitnet.save_pretrained: the BitLinear weights are packed in several formats {formats}; "
+            "make them one with torch_bitnet.set_ternary_format"
+        )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         state.pop("lm_head.weight_scale", None)
     save_file(state, str(path / PACKED_FILE), metadata={"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
     raw = model.config.to_dict()
-    raw[FORMAT_KEY] = {"format_version": FORMAT_VERSION, "weights": PACKED_FILE, "lm_head": head}
+    raw[FORMAT_KEY] = {
+        "format_version": FORMAT_VERSION, "weights": PACKED_FILE, "lm_head": head, "ternary_format": formats[0]
+    }
     (path / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True, default=str) + "\n")
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -421,14 +453,16 @@ def convert_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     progress: bool | None = None,
     lm_head: str = "bf16",
+    ternary_format: str = "2bit",
 ) -> Path:
     """Convert any checkpoint :func:`from_pretrained` reads (e.g. a ``-bf16`` master checkpoint,
     ternarized layer by layer with a progress bar) into torch_bitnet's packed layout at ``dst``,
     copying the tokenizer files along. ``lm_head="int8"`` (or ``"int4"``) stores the embedding /
     lm_head quantized (loads faster, half (int4: 28%) the bytes of bf16; it can then only be loaded
-    in that form); the default ``"bf16"`` keeps the float table, from which any form can be loaded."""
+    in that form); the default ``"bf16"`` keeps the float table, from which any form can be loaded.
+    ``ternary_format``: how the BitLinear weights are stored (``"2bit"`` or ``"5trit"``)."""
     src_path = resolve_model_path(src)
-    model = from_pretrained(src_path, dtype=dtype, progress=progress, lm_head=lm_head)
+    model = from_pretrained(src_path, dtype=dtype, progress=progress, lm_head=lm_head, ternary_format=ternary_format)
     dst_path = save_pretrained(model, dst)
     for name in TOKENIZER_FILES:
         if (src_path / name).is_file():

@@ -20,9 +20,18 @@ from torch import nn
 from . import ops
 from .int4 import check_int4_sizes, dequantize_int4_rows, int4_shapes, quantize_int4_rows
 from .int8 import check_int8_sizes, dequantize_int8_rows, int8_shape, quantize_int8_rows
-from .packing import check_features, pack_ternary, packed_shape, ternarize, unpack_ternary
+from .packing import (
+    FORMATS,
+    check_features,
+    pack_ternary,
+    packed_format,
+    packed_shape,
+    repack,
+    ternarize,
+    unpack_ternary,
+)
 
-__all__ = ["BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear"]
+__all__ = ["BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear", "set_ternary_format"]
 
 
 class BitLinear(nn.Module):
@@ -30,8 +39,9 @@ class BitLinear(nn.Module):
 
     Buffers (all saved in ``state_dict``, in torch_bitnet's packed form):
 
-    * ``weight``: uint8 (out_features, ceil(in_features / 256) * 64), the packed ternary weight
-      (format in :mod:`torch_bitnet.packing`)
+    * ``weight``: the packed ternary weight (formats in :mod:`torch_bitnet.packing`): uint8
+      (out_features, ceil(in_features / 256) * 64) in the 2-bit format, or uint8
+      (out_features, ceil(in_features / 320), 64) in the 5-trit one (``ternary_format``)
     * ``weight_scale``: float32 (1,); the layer's weight is ``W_ternary * weight_scale``
     * ``bias``: float32 (out_features,) or ``None``
 
@@ -48,13 +58,15 @@ class BitLinear(nn.Module):
         bias: bool = False,
         device: torch.device | str | None = None,
         rms_norm: nn.Module | None = None,
+        ternary_format: str = "2bit",
     ) -> None:
         super().__init__()
         check_features(in_features, out_features)
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer(
-            "weight", torch.zeros(packed_shape(out_features, in_features), dtype=torch.uint8, device=device)
+            "weight",
+            torch.zeros(packed_shape(out_features, in_features, ternary_format), dtype=torch.uint8, device=device),
         )
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer(
@@ -70,8 +82,13 @@ class BitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, weight=ternary packed 2-bit {tuple(self.weight.shape)} uint8"
+            f"bias={self.bias is not None}, weight=ternary packed {self.ternary_format} {tuple(self.weight.shape)} uint8"
         )
+
+    @property
+    def ternary_format(self) -> str:
+        """``"2bit"`` or ``"5trit"``: the format of the packed ``weight``."""
+        return packed_format(self.weight)
 
     # ---- constructors: each converts once, eagerly ----
 
@@ -82,14 +99,19 @@ class BitLinear(nn.Module):
         scale: torch.Tensor | float,
         bias: torch.Tensor | None = None,
         rms_norm: nn.Module | None = None,
+        ternary_format: str = "2bit",
     ) -> BitLinear:
         """From a ternary integer weight (out_features, in_features) with values in {-1, 0, 1}.
 
         ``scale``: the float the ternary weight is multiplied by; ``bias`` is added in float32.
+        ``ternary_format``: how the weight is packed (``"2bit"`` or ``"5trit"``).
         """
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bias=bias is not None, device=weight.device, rms_norm=rms_norm)
-        layer.weight.copy_(pack_ternary(weight))
+        layer = cls(
+            in_features, out_features, bias=bias is not None, device=weight.device, rms_norm=rms_norm,
+            ternary_format=ternary_format,
+        )
+        layer.weight.copy_(pack_ternary(weight, ternary_format))
         scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
         if scale.numel() != 1:
             raise ValueError(f"torch_bitnet: BitLinear needs one weight scale per tensor, got {scale.numel()}")
@@ -117,6 +139,27 @@ class BitLinear(nn.Module):
     def ternary_weight(self) -> torch.Tensor:
         """The logical ternary weight, int8 (out_features, in_features) (unpacked copy)."""
         return unpack_ternary(self.weight, self.in_features)
+
+
+def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
+    """Repack every :class:`BitLinear` of ``model`` into ``ternary_format``, in place; returns it.
+
+    ``"2bit"``: 2 bits per weight, the default and the fastest on every path for prefill and
+    at one thread. ``"5trit"``: 1.6 bits per weight (20% fewer bytes per decode token, less
+    memory); its decode kernel needs AVX-512 VBMI (the ``avx512vbmi`` path) and decodes about
+    80 G weights/s per core, so it is faster only where a core reads fewer bytes than that
+    (several threads sharing the memory bus); other paths unpack 5-trit weights to 2 bits on
+    every call (correct, but slow in decode). See BENCHMARKS.md for measurements.
+
+    Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
+    compile after it (a model compiled before is recompiled, as its weights changed shape).
+    """
+    if ternary_format not in FORMATS:
+        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
+    for module in model.modules():
+        if isinstance(module, BitLinear) and module.ternary_format != ternary_format:
+            module.weight = repack(module.weight, module.in_features, ternary_format)
+    return model
 
 
 def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tensor:

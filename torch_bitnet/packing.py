@@ -19,6 +19,24 @@ loads 64 bytes, masks plane i, and multiplies it against the 64 contiguous activ
 vectors and with plain scalar code, which is why the layout does not depend on the ISA.
 One float32 scale per tensor multiplies the integer result (see ``reference.bitlinear``).
 
+The denser 5-trit format (1.6 bits per weight) packs five weights per byte; it is 3-D, so a
+packed tensor's rank says which format it is in (every op and :func:`check_packed` accept both)::
+
+    K is padded to Kp5 = ceil(K / 320) * 320 with w = 0
+    packed          : uint8 (N, Kp5 / 320, 64): row n, block b, byte j
+    byte j of block b encodes the codes u_i = w + 1 of the 5 weights k = 320*b + 64*i + j
+    (i = 0..4) as
+        c = 64 * (t // 21) + 21 * u4 + t % 21      with  t = u0 + 3*u1 + 9*u2 + 27*u3  (0..80)
+
+Chunk i of a block is again 64 codes for 64 consecutive weights. The code is chosen for the
+AVX-512 VBMI decoder: ``c & 63`` alone gives ``u4 = (c & 63) // 21`` (one 64-entry byte
+lookup), and one 256-entry lookup gives u0..u3 as a byte of the 2-bit format
+(``u0 | u1 << 2 | u2 << 4 | u3 << 6``), so the 2-bit kernel's arithmetic follows unchanged.
+Five zero weights encode as 104 (:data:`TRIT5_ZERO`). 171 of the 256 byte values are never
+produced; :func:`unpack_ternary` rejects them, and the kernels read them as a fixed pattern
+(u0..u3 = 1, u4 = min(2, (c & 63) // 21)) on every path. :func:`repack` converts between the
+formats losslessly.
+
 transformers' layout (``transformers.integrations.bitnet.pack_weights``) is different:
 uint8 (N/4, K), packed row r holds original rows r, R+r, 2R+r, 3R+r (R = N/4) in bits
 1:0, 3:2, 5:4, 7:6 with the same codes w + 1. ``from_hf_packed`` / ``to_hf_packed`` convert.
@@ -30,11 +48,16 @@ import torch
 
 __all__ = [
     "BLOCK_K",
+    "BLOCK_K5",
+    "FORMATS",
     "MAX_IN_FEATURES",
+    "TRIT5_ZERO",
     "padded_in_features",
     "packed_shape",
+    "packed_format",
     "pack_ternary",
     "unpack_ternary",
+    "repack",
     "ternarize",
     "from_hf_packed",
     "to_hf_packed",
@@ -42,21 +65,41 @@ __all__ = [
     "check_packed",
 ]
 
-#: weights along K per 64-byte block
+#: weights along K per 64-byte block (2-bit format)
 BLOCK_K = 256
+#: weights along K per 64-byte block (5-trit format)
+BLOCK_K5 = 320
+#: the packed formats, by name
+FORMATS = ("2bit", "5trit")
+#: the 5-trit byte of five zero weights
+TRIT5_ZERO = 104
 #: largest supported in_features: keeps |int32 accumulator| <= 128 * K <= 2**24, so the
 #: accumulator converts to float32 exactly (and the AVX-512 partial sums cannot overflow).
 MAX_IN_FEATURES = 1 << 17
 
 
-def padded_in_features(in_features: int) -> int:
-    """K rounded up to a multiple of :data:`BLOCK_K` (the kernels' K)."""
-    return -(-in_features // BLOCK_K) * BLOCK_K
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"torch_bitnet: unknown packed format {format!r}; choose one of {', '.join(FORMATS)}")
 
 
-def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
-    """Shape of the packed uint8 tensor for an (out_features, in_features) weight."""
-    return (out_features, padded_in_features(in_features) // 4)
+def padded_in_features(in_features: int, format: str = "2bit") -> int:
+    """K rounded up to a whole number of blocks of ``format`` (the kernels' K)."""
+    _check_format(format)
+    block = BLOCK_K if format == "2bit" else BLOCK_K5
+    return -(-in_features // block) * block
+
+
+def packed_shape(out_features: int, in_features: int, format: str = "2bit") -> tuple[int, ...]:
+    """Shape of the packed uint8 tensor for an (out_features, in_features) weight in ``format``."""
+    if format == "5trit":
+        return (out_features, padded_in_features(in_features, format) // BLOCK_K5, 64)
+    return (out_features, padded_in_features(in_features, format) // 4)
+
+
+def packed_format(packed: torch.Tensor) -> str:
+    """The format of a packed weight, from its rank: ``"5trit"`` if 3-D, else ``"2bit"``."""
+    return "5trit" if packed.dim() == 3 else "2bit"
 
 
 def check_features(in_features: int, out_features: int) -> None:
@@ -74,7 +117,8 @@ def check_features(in_features: int, out_features: int) -> None:
 
 
 def check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
-    """Raise TypeError/ValueError unless ``packed`` is a valid packed weight for the sizes.
+    """Raise TypeError/ValueError unless ``packed`` is a valid packed weight for the sizes,
+    in either format (2-D: 2-bit, 3-D: 5-trit).
 
     The same checks, with the same messages, as the C++ operators and their fake kernels.
     """
@@ -83,10 +127,11 @@ def check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> N
         raise TypeError(f"bitnet: packed weight must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"bitnet: packed weight must be uint8, got {packed.dtype}")
-    expected = packed_shape(out_features, in_features)
-    if tuple(packed.shape) != expected:
+    if tuple(packed.shape) != packed_shape(out_features, in_features, packed_format(packed)):
         raise ValueError(
-            f"bitnet: packed weight has shape {tuple(packed.shape)}, expected {expected} for "
+            f"bitnet: packed weight has shape {tuple(packed.shape)}, expected "
+            f"{packed_shape(out_features, in_features)} (2-bit) or "
+            f"{packed_shape(out_features, in_features, '5trit')} (5-trit) for "
             f"in_features={in_features}, out_features={out_features}"
         )
 
@@ -100,45 +145,76 @@ def _check_ternary(w: torch.Tensor, what: str) -> None:
         raise ValueError(f"torch_bitnet: {what} has values outside {{-1, 0, 1}}")
 
 
-def pack_ternary(w: torch.Tensor) -> torch.Tensor:
-    """Pack a ternary integer matrix (N, K) with values in {-1, 0, 1} into uint8 (N, Kp/4).
+def pack_ternary(w: torch.Tensor, format: str = "2bit") -> torch.Tensor:
+    """Pack a ternary integer matrix (N, K) with values in {-1, 0, 1} into ``format``.
 
-    Lossless: ``unpack_ternary(pack_ternary(w), K) == w``.
+    2-bit: uint8 (N, Kp/4); 5-trit: uint8 (N, Kp5/320, 64). Lossless:
+    ``unpack_ternary(pack_ternary(w, format), K) == w``.
     """
+    _check_format(format)
     _check_ternary(w, "ternary weight")
     n, k = w.shape
     check_features(k, n)
-    kp = padded_in_features(k)
+    kp = padded_in_features(k, format)
     codes = torch.ones((n, kp), dtype=torch.uint8, device=w.device)
     codes[:, :k] = (w + 1).to(torch.uint8)
+    if format == "5trit":
+        # (N, blocks, chunk i, byte j) -> byte j gets the 5 chunks' codes as one base-3 code
+        u = codes.view(n, kp // BLOCK_K5, 5, 64)
+        t = u[:, :, 0] + 3 * u[:, :, 1] + 9 * u[:, :, 2] + 27 * u[:, :, 3]
+        return (64 * (t // 21) + 21 * u[:, :, 4] + t % 21).contiguous()
     # (N, blocks, plane i, byte j) -> byte j gets plane i at bits 2i+1:2i
     planes = codes.view(n, kp // BLOCK_K, 4, 64)
     packed = planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)
     return packed.reshape(n, kp // 4).contiguous()
 
 
-def _codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, Kp/4) -> codes uint8 (N, Kp) in logical K order."""
-    n, row_bytes = packed.shape
+def _codes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed weight (either format) -> (codes uint8 (N, Kp) in logical K order, bool (N, Kp):
+    the byte holding the code is one no weights encode to)."""
+    n = packed.shape[0]
+    if packed_format(packed) == "5trit":
+        c = packed.to(torch.int16)
+        low = c & 63
+        t = 21 * (c >> 6) + low % 21
+        digits = torch.stack([t % 3, t // 3 % 3, t // 9 % 3, t // 27, low // 21], dim=2)  # (N, blocks, 5, 64)
+        bad = ((low == 63) | (t > 80)).unsqueeze(2).expand(digits.shape)
+        return digits.to(torch.uint8).reshape(n, -1), bad.reshape(n, -1)
+    row_bytes = packed.shape[1]
     blocks = packed.view(n, row_bytes // 64, 1, 64)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
-    return ((blocks >> shifts) & 3).reshape(n, row_bytes * 4)
+    codes = ((blocks >> shifts) & 3).reshape(n, row_bytes * 4)
+    return codes, codes == 3
 
 
 def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`: uint8 (N, Kp/4) -> int8 (N, in_features).
+    """Inverse of :func:`pack_ternary`, either format: packed -> int8 (N, in_features).
 
-    Raises ValueError if the packed data holds the unused code 3 or non-zero padding.
+    Raises ValueError if the packed data holds a code no weight encodes to (3 in the 2-bit
+    format) or non-zero padding.
     """
-    if packed.dim() != 2:
-        raise ValueError(f"torch_bitnet: packed weight must be 2-D, got shape {tuple(packed.shape)}")
+    if packed.dim() not in (2, 3):
+        raise ValueError(f"torch_bitnet: packed weight must be 2-D (2-bit) or 3-D (5-trit), got shape {tuple(packed.shape)}")
     check_packed(packed, in_features, packed.shape[0])
-    codes = _codes(packed.contiguous())
-    if bool((codes == 3).any()):
+    codes, bad = _codes(packed.contiguous())
+    if bool(bad.any()):
+        if packed_format(packed) == "5trit":
+            raise ValueError("torch_bitnet: packed 5-trit weight holds a byte that encodes no five ternary weights")
         raise ValueError("torch_bitnet: packed weight holds the invalid code 3 (only 0, 1, 2 encode -1, 0, +1)")
     if bool((codes[:, in_features:] != 1).any()):
         raise ValueError("torch_bitnet: packed weight has non-zero values in the K padding")
     return codes[:, :in_features].to(torch.int8) - 1
+
+
+def repack(packed: torch.Tensor, in_features: int, format: str) -> torch.Tensor:
+    """A packed weight (either format) converted to ``format``, losslessly; ``packed`` itself
+    if it already is in that format. Done once when a model is loaded or patched, never inside
+    a compiled graph."""
+    _check_format(format)
+    if packed_format(packed) == format:
+        check_packed(packed, in_features, packed.shape[0])
+        return packed
+    return pack_ternary(unpack_ternary(packed, in_features), format)
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

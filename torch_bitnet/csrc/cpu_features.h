@@ -9,9 +9,10 @@
 
 namespace tbn {
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3 };
 
-// Names of the paths this CPU can run, slowest first ("scalar", "avx2", "avx512").
+// Names of the paths this CPU can run, slowest first ("scalar", "avx2", "avx512", "avx512vbmi";
+// the last is avx512 plus the 5-trit weight kernels that need VBMI).
 std::vector<std::string> supported_isa_names();
 std::string current_isa_name();
 // Throws c10::ValueError for an unknown name and c10::Error if the CPU lacks the path.

@@ -135,6 +135,36 @@ inline void store_result(const GemmProblem& p, int64_t m, int64_t n, int32_t sum
   store_float(e.out, e.out_dtype, m * e.ld + n, y);
 }
 
+// ---- 5-trit packed ternary weight (documented in torch_bitnet/packing.py) ----
+// uint8 (N, Kp5/320, 64), Kp5 = K rounded up to 320: byte j of 64-byte block b encodes the codes
+// u_i = w + 1 of weights k = 320*b + 64*i + j (i = 0..4) as c = 64*(t/21) + 21*u4 + t%21 with
+// t = u0 + 3*u1 + 9*u2 + 27*u3. So u4 = kTrit5.u4[c & 63] and kTrit5.low4[c] is the 2-bit
+// format's byte u0 | u1 << 2 | u2 << 4 | u3 << 6. Bytes no weights produce decode through the
+// same tables on every path (u0..u3 = 1).
+
+constexpr int64_t kBlockK5 = 320;
+
+struct Trit5Tables {
+  uint8_t low4[256];
+  uint8_t u4[64];
+};
+
+constexpr Trit5Tables make_trit5_tables() {
+  Trit5Tables t{};
+  for (int c = 0; c < 256; ++c) t.low4[c] = 0x55;
+  for (int idx = 0; idx < 81; ++idx)
+    for (int u4 = 0; u4 < 3; ++u4)
+      t.low4[64 * (idx / 21) + 21 * u4 + idx % 21] =
+          uint8_t(idx % 3 | (idx / 3 % 3) << 2 | (idx / 9 % 3) << 4 | (idx / 27) << 6);
+  for (int lo = 0; lo < 64; ++lo) t.u4[lo] = uint8_t(lo / 21 < 2 ? lo / 21 : 2);
+  return t;
+}
+
+inline constexpr Trit5Tables kTrit5 = make_trit5_tables();
+
+// The code of weight 64*i + j of a block (chunk i = 0..4) from its byte c.
+inline uint8_t trit5_code(uint8_t c, int i) { return i < 4 ? (kTrit5.low4[c] >> (2 * i)) & 3 : kTrit5.u4[c & 63]; }
+
 // ---- int8 per-row weights: the lm_head / embedding table (format: torch_bitnet/int8.py) ----
 // codes uint8 (N, Kp), Kp = K rounded up to 64, code = w + 128 with w in [-127, 127] (128 in
 // the padding), one float32 scale per row: W[n, k] ~ (code - 128) * scale[n].
@@ -255,13 +285,26 @@ struct Kernels {
   // int4 group weights: results for output rows [n0, n1) (n0 a multiple of kInt4Tile) and all
   // M tokens of p.
   void (*int4_gemm)(const Int4Problem& p, int64_t n0, int64_t n1);
+  // 5-trit weights -> 2-bit weights: `rows` rows of w5 (row stride ld5 bytes, Kp5 = k_pad5) are
+  // written to w2 (row stride k_pad2 / 4 bytes) in the 2-bit format, weights k_pad5 <= k < k_pad2
+  // as zeros. Lossless: the ISA's gemm then multiplies them.
+  void (*unpack5)(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
+  // One token (p.m == 1) against 5-trit weights, streamed without unpacking: results for output
+  // rows [n0, n1) of p, whose w is 5-trit (p.ldw = Kp5 / 5, p.k_pad = Kp5). Null on the paths
+  // without such a kernel (ops.cpp then unpacks and calls gemm).
+  void (*gemv5)(const GemmProblem& p, int64_t n0, int64_t n1);
 };
 
 extern const Kernels kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
+// kAvx512Kernels plus the AVX-512 VBMI 5-trit kernels (ternary5_avx512.cpp).
+extern const Kernels kAvx512VbmiKernels;
 #endif
+
+// The portable unpack5 (ternary5_scalar.cpp), used by every table but the VBMI one.
+void unpack5_scalar(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
 
 // ---- helpers shared by the ISA files ----
 

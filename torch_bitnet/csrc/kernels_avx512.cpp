@@ -444,7 +444,8 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
 }  // namespace
 
 const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512,
-                                int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512};
+                                int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512,
+                                unpack5_scalar, nullptr};
 
 }  // namespace tbn
 

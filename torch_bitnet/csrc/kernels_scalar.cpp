@@ -66,7 +66,8 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 }  // namespace
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
-                                int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar};
+                                int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar,
+                                unpack5_scalar, nullptr};
 
 namespace {
 

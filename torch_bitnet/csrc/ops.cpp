@@ -36,6 +36,7 @@ constexpr int64_t kAttentionMinPart = 256;
 constexpr int64_t kAttentionMinParallelWork = int64_t(1) << 18;
 
 int64_t pad_k(int64_t k) { return (k + kBlockK - 1) / kBlockK * kBlockK; }
+int64_t pad_k5(int64_t k) { return (k + kBlockK5 - 1) / kBlockK5 * kBlockK5; }
 
 DType dtype_of(at::ScalarType t, const char* what) {
   switch (t) {
@@ -71,15 +72,25 @@ void check_input(const at::Tensor& x, int64_t in_features, const char* what) {
                     " features in its last dimension, expected in_features=", in_features);
 }
 
-void check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
+// A packed weight's format is its rank (torch_bitnet/packing.py): 2-D (N, Kp/4) is the 2-bit
+// format, 3-D (N, Kp5/320, 64) the 5-trit one. Returns whether it is 5-trit.
+bool check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
   check_cpu(packed, "packed weight");
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "bitnet: packed weight must be uint8, got ",
                    packed.scalar_type());
-  const int64_t row_bytes = pad_k(in_features) / 4;
-  TORCH_CHECK_VALUE(packed.dim() == 2 && packed.size(0) == out_features && packed.size(1) == row_bytes,
-                    "bitnet: packed weight has shape ", packed.sizes(), ", expected [", out_features, ", ",
-                    row_bytes, "] for in_features=", in_features, ", out_features=", out_features);
+  const int64_t row_bytes = pad_k(in_features) / 4, blocks5 = pad_k5(in_features) / kBlockK5;
+  const bool trit5 = packed.dim() == 3;
+  const bool ok = trit5 ? packed.size(0) == out_features && packed.size(1) == blocks5 && packed.size(2) == 64
+                        : packed.dim() == 2 && packed.size(0) == out_features && packed.size(1) == row_bytes;
+  TORCH_CHECK_VALUE(ok, "bitnet: packed weight has shape ", packed.sizes(), ", expected [", out_features, ", ",
+                    row_bytes, "] (2-bit) or [", out_features, ", ", blocks5, ", 64] (5-trit) for in_features=",
+                    in_features, ", out_features=", out_features);
+  return trit5;
 }
+
+// The activation length the kernels read for a weight of this format (zero beyond K): the
+// 5-trit products may run the 2-bit kernels on unpacked rows, so they need both paddings.
+int64_t pad_k_for(int64_t k, bool trit5) { return trit5 ? std::max(pad_k(k), pad_k5(k)) : pad_k(k); }
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
@@ -111,20 +122,90 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0 * row_tile, std::min(n, t1 * row_tile)); });
 }
 
-// Run each problem ps[i] over its ns[i] output rows, all in one parallel region: the row
-// tiles of every problem (same M and Kp) form one range split over the threads, so a layer's
-// q/k/v or gate/up products cost one fork/join, and a thread's range may span two weights.
-void gemm_parallel(const std::vector<GemmProblem>& ps, const std::vector<int64_t>& ns) {
+// Output rows unpacked at a time from the 5-trit format: one panel of the AVX-512 prefill kernel.
+constexpr int64_t kUnpackRows = 64;
+
+// One thread's buffer of 2-bit rows unpacked from 5-trit ones (kUnpackRows x Kp/4 bytes).
+struct UnpackBuffer {
+  std::vector<uint8_t> data;
+  uint8_t* get(size_t bytes) {
+    if (data.size() < bytes) data.resize(bytes);
+    return data.data();
+  }
+};
+
+// Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
+// token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows
+// are unpacked to the 2-bit format (k_pad2 = K rounded up to 256) and the ISA's gemm runs on
+// them, its outputs shifted to the rows' place. (Unpacking costs one pass over the weight per
+// call: little against M tokens of multiply-adds in prefill.)
+void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2) {
+  if (p.m == 1 && kern.gemv5) {
+    kern.gemv5(p, n0, n1);
+    return;
+  }
+  thread_local UnpackBuffer buffer;
+  const int64_t ld2 = k_pad2 / 4;
+  uint8_t* rows2 = buffer.get(size_t(kUnpackRows * ld2));
+  const size_t elem = p.ep.out_dtype == DType::F32 ? 4 : 2;
+  for (int64_t n = n0; n < n1; n += kUnpackRows) {
+    const int64_t rows = std::min(kUnpackRows, n1 - n);
+    kern.unpack5(p.w + n * p.ldw, p.ldw, p.k_pad, rows, rows2, k_pad2);
+    GemmProblem q = p;
+    q.w = rows2;
+    q.ldw = ld2;
+    q.k_pad = k_pad2;
+    if (q.ep.acc) q.ep.acc += n;
+    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * int64_t(elem);
+    if (q.ep.bias) q.ep.bias += n;
+    kern.gemm(q, 0, rows);
+  }
+}
+
+// A product of the quantized input with one packed weight of N output rows, and the 2-bit
+// padded K if the weight is 5-trit (0 if it is 2-bit).
+struct Product {
+  GemmProblem p;
+  int64_t n = 0;
+  int64_t k_pad2_of_trit5 = 0;
+};
+
+// Run each product over its output rows, all in one parallel region: the row tiles of every
+// product (same M) form one range split over the threads, so a layer's q/k/v or gate/up
+// products cost one fork/join, and a thread's range may span two weights.
+void gemm_parallel(const std::vector<Product>& ps) {
   const Kernels& kern = kernels();
-  std::vector<int64_t> first(ps.size() + 1, 0);  // index of each problem's first tile
-  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ns[i] + kRowTile - 1) / kRowTile;
-  parallel_rows(first.back() * kRowTile, ps[0].m * ps[0].k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
+  std::vector<int64_t> first(ps.size() + 1, 0);  // index of each product's first tile
+  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ps[i].n + kRowTile - 1) / kRowTile;
+  parallel_rows(first.back() * kRowTile, ps[0].p.m * ps[0].p.k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
     const int64_t t0 = r0 / kRowTile, t1 = (r1 + kRowTile - 1) / kRowTile;
     for (size_t i = 0; i < ps.size(); ++i) {
       const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
-      if (a < b) kern.gemm(ps[i], (a - first[i]) * kRowTile, std::min(ns[i], (b - first[i]) * kRowTile));
+      if (a >= b) continue;
+      const int64_t n0 = (a - first[i]) * kRowTile, n1 = std::min(ps[i].n, (b - first[i]) * kRowTile);
+      if (ps[i].k_pad2_of_trit5)
+        gemm_trit5(kern, ps[i].p, n0, n1, ps[i].k_pad2_of_trit5);
+      else
+        kern.gemm(ps[i].p, n0, n1);
     }
   });
+}
+
+// The product of quantized activations (M, ldq) with a packed weight, results in ep.
+Product product(const int8_t* xq, int64_t ldq, const int32_t* xsum, int64_t m, const at::Tensor& w, bool trit5,
+                int64_t in_features, int64_t n, const Epilogue& ep) {
+  Product pr;
+  pr.n = n;
+  pr.p.xq = xq;
+  pr.p.ldq = ldq;
+  pr.p.xsum = xsum;
+  pr.p.w = w.data_ptr<uint8_t>();
+  pr.p.m = m;
+  pr.p.k_pad = trit5 ? pad_k5(in_features) : pad_k(in_features);
+  pr.p.ldw = trit5 ? pr.p.k_pad / 5 : pr.p.k_pad / 4;
+  pr.p.ep = ep;
+  pr.k_pad2_of_trit5 = trit5 ? pad_k(in_features) : 0;
+  return pr;
 }
 
 // bias (optional, (out_features,), any float dtype) as a contiguous float32 tensor, or undefined.
@@ -156,28 +237,22 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   check_sizes(in_features, out_features);
   check_input(xq, in_features, "ternary_mm input");
   TORCH_CHECK_TYPE(xq.scalar_type() == at::kChar, "bitnet: ternary_mm input must be int8, got ", xq.scalar_type());
-  check_packed(packed, in_features, out_features);
+  const bool trit5 = check_packed(packed, in_features, out_features);
   auto out = at::empty(with_last(xq.sizes(), out_features), xq.options().dtype(at::kInt));
   const int64_t m = xq.numel() / in_features;
   if (m == 0) return out;
-  const int64_t k_pad = pad_k(in_features);
+  const int64_t k_pad = pad_k_for(in_features, trit5);
   // The kernels read Kp activations per row, zero beyond K.
   auto x2d = xq.reshape({m, in_features});
   if (k_pad != in_features) x2d = at::constant_pad_nd(x2d, {0, k_pad - in_features}, 0);
   x2d = x2d.contiguous();
   auto xsum = x2d.sum(1, /*keepdim=*/false, at::kInt);
-  GemmProblem p;
-  p.xq = x2d.data_ptr<int8_t>();
-  p.ldq = k_pad;
-  p.xsum = xsum.data_ptr<int32_t>();
   const auto w = packed.contiguous();
-  p.w = w.data_ptr<uint8_t>();
-  p.ldw = k_pad / 4;
-  p.m = m;
-  p.k_pad = k_pad;
-  p.ep.acc = out.data_ptr<int32_t>();
-  p.ep.ld = out_features;
-  gemm_parallel({p}, {out_features});
+  Epilogue ep;
+  ep.acc = out.data_ptr<int32_t>();
+  ep.ld = out_features;
+  gemm_parallel({product(x2d.data_ptr<int8_t>(), k_pad, xsum.data_ptr<int32_t>(), m, w, trit5, in_features,
+                         out_features, ep)});
   return out;
 }
 
@@ -235,32 +310,26 @@ QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, int64_t 
 // with packed[i], times scales[i] / a_m, plus bias (float32 or undefined; first weight only):
 // every product in one parallel region.
 void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList scales, const at::Tensor& bias,
-                  std::vector<at::Tensor>& outs, at::IntArrayRef out_features) {
+                  std::vector<at::Tensor>& outs, int64_t in_features, at::IntArrayRef out_features) {
   const size_t n = packed.size();
   std::vector<float> factors(n * size_t(q.m));  // (n, M): scale_i / a_m
   std::vector<at::Tensor> weights(n);
-  std::vector<GemmProblem> ps(n);
+  std::vector<Product> ps(n);
   for (size_t i = 0; i < n; ++i) {
     // check_scale made it a CPU float32 tensor of one element: read it directly (item() is a
     // dispatcher call, ~3 us, 210 times per decode token at the 2B-4T shape).
     const float s = *scales[i].data_ptr<float>();
     for (int64_t m = 0; m < q.m; ++m) factors[i * q.m + m] = s / q.a[m];
     weights[i] = packed[i].contiguous();
-    GemmProblem& p = ps[i];
-    p.xq = q.xq;
-    p.ldq = q.k_pad;
-    p.xsum = q.xsum;
-    p.w = weights[i].data_ptr<uint8_t>();
-    p.ldw = q.k_pad / 4;
-    p.m = q.m;
-    p.k_pad = q.k_pad;
-    p.ep.out = outs[i].data_ptr();
-    p.ep.out_dtype = dtype_of(outs[i], "output");
-    p.ep.row_factor = factors.data() + i * q.m;
-    p.ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
-    p.ep.ld = out_features[i];
+    Epilogue ep;
+    ep.out = outs[i].data_ptr();
+    ep.out_dtype = dtype_of(outs[i], "output");
+    ep.row_factor = factors.data() + i * q.m;
+    ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
+    ep.ld = out_features[i];
+    ps[i] = product(q.xq, q.k_pad, q.xsum, q.m, weights[i], weights[i].dim() == 3, in_features, out_features[i], ep);
   }
-  gemm_parallel(ps, std::vector<int64_t>(out_features.begin(), out_features.end()));
+  gemm_parallel(ps);
 }
 
 at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -269,15 +338,15 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   check_sizes(in_features, out_features);
   dtype_of(x, "bitlinear input");
   check_input(x, in_features, "bitlinear input");
-  check_packed(packed, in_features, out_features);
+  const bool trit5 = check_packed(packed, in_features, out_features);
   check_scale(scale, "weight scale");
   const at::Tensor bias_f = float_bias(bias, out_features);
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
   std::vector<at::Tensor> outs{out};
-  ternary_into(q, packed, scale, bias_f, outs, out_features);
+  ternary_into(q, packed, scale, bias_f, outs, in_features, out_features);
   return out;
 }
 
@@ -291,17 +360,18 @@ std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList
                     n, ", ", scales.size(), " and ", out_features.size());
   dtype_of(x, "bitlinear_shared input");
   check_input(x, in_features, "bitlinear_shared input");
+  bool trit5 = false;
   for (int64_t i = 0; i < n; ++i) {
     check_sizes(in_features, out_features[i]);
-    check_packed(packed[i], in_features, out_features[i]);
+    trit5 = check_packed(packed[i], in_features, out_features[i]) || trit5;
     check_scale(scales[i], "weight scale");
   }
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
   if (x.numel() == 0) return outs;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
-  ternary_into(q, packed, scales, at::Tensor(), outs, out_features);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
+  ternary_into(q, packed, scales, at::Tensor(), outs, in_features, out_features);
   return outs;
 }
 
@@ -313,16 +383,16 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   check_sizes(in_features, out_features);
   const DType dt = dtype_of(x, "bitlinear_relu2_glu input");
   check_input(x, in_features, "bitlinear_relu2_glu input");
-  check_packed(gate, in_features, out_features);
-  check_packed(up, in_features, out_features);
+  const bool gate5 = check_packed(gate, in_features, out_features);
+  const bool trit5 = check_packed(up, in_features, out_features) || gate5;
   check_scale(gate_scale, "gate weight scale");
   check_scale(up_scale, "up weight scale");
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k(in_features), norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
   std::vector<at::Tensor> gu{out, at::empty_like(out)};  // gate (gated in place), up
-  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, {out_features, out_features});
+  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, in_features, {out_features, out_features});
   const at::Tensor& u = gu[1];
   const int64_t elem = out.element_size();
   char* g = static_cast<char*>(out.data_ptr());

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import torch_bitnet
 from torch_bitnet import bench, checkpoints, cli
 from torch_bitnet.loading import from_pretrained
 from torch_bitnet.nn import BitLinear
@@ -35,12 +36,13 @@ def test_bytes_by_kind_counts_every_tensor_once(checkpoint):
 def test_bench_command_measures_in_a_child_and_writes_json(checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--model", str(checkpoint), "--prompt-len", "16", "--new-tokens", "4", "--threads", "1",
-                     "--kv-cache-dtype", "bf16", "--json", str(out)])
+                     "--kv-cache-dtype", "bf16", "--ternary-format", "5trit", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "prompt tok/s" in printed and "decode tok/s" in printed and "read bandwidth" in printed
     run = json.loads(out.read_text())["torch_bitnet"][0]
-    assert run["threads"] == 1 and run["kv_cache_dtype"] == "bf16"
+    assert run["threads"] == 1 and run["kv_cache_dtype"] == "bf16" and run["ternary_format"] == "5trit"
+    assert run["isa"] in torch_bitnet.available_isas()
     for key in ("load_s", "compile_cold_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "stream_gb_s", "peak_rss_mb"):
         assert run[key] > 0, key
     assert run["compile_warm_s"] < run["compile_cold_s"]

@@ -56,6 +56,7 @@ def test_help_explains_every_option(capsys, argv):
     expected = ["generate", "chat"] if not argv else [
         "--model", "--threads", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
         "--no-compile", "--chunk-size", "--dtype", "--max-seq-len", "--kv-cache-dtype", "--lm-head",
+        "--ternary-format",
     ]
     per_command = {
         "generate": ["--prompt", "--stop", "--ignore-eos", "--chat"],

@@ -3,6 +3,7 @@
     torch-bitnet bench                          # random weights, shape of bitnet-b1.58-2B-4T
     torch-bitnet bench --threads 1,2 --plot threads.png --json out.json
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
+    torch-bitnet bench --ternary-format 5trit     # weights packed 5 per byte (1.6 bits)
 
 Each configuration (one per thread count) runs in a fresh child process, so its peak RSS is
 its own. A run: the RSS of the runtime alone (Python, torch, transformers, torch_bitnet, before

@@ -304,7 +304,8 @@ def ternary_mm(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_fea
 
     Args:
         xq: int8 tensor (..., in_features).
-        packed: uint8 (out_features, ceil(in_features / 256) * 64), see :mod:`torch_bitnet.packing`.
+        packed: uint8 (out_features, ceil(in_features / 256) * 64) (2-bit) or (out_features,
+            ceil(in_features / 320), 64) (5-trit), see :mod:`torch_bitnet.packing`.
         in_features, out_features: the logical weight size K, N.
 
     Returns:
@@ -327,7 +328,8 @@ def bitlinear(
 
     Args:
         x: float32, bfloat16 or float16 tensor (..., in_features); any leading shape, M = 0 allowed.
-        packed: uint8 packed ternary weight (out_features, ceil(in_features / 256) * 64).
+        packed: uint8 packed ternary weight, 2-bit (out_features, ceil(in_features / 256) * 64) or
+            5-trit (out_features, ceil(in_features / 320), 64).
         scale: float32 tensor with one element; the weight is ``W_ternary * scale``.
         bias: optional (out_features,) float tensor, added in float32.
         in_features, out_features: logical sizes K, N (so fake kernels never read ``packed``).
@@ -383,7 +385,7 @@ def bitlinear_relu2_glu(
 ) -> torch.Tensor:
     """The input half of BitNet's MLP: ``relu(gate(x))^2 * up(x)`` (x's dtype, (..., out_features)).
 
-    ``gate`` / ``up`` are packed ternary weights (out_features, Kp/4) with their scales; x is
+    ``gate`` / ``up`` are packed ternary weights (either format) with their scales; x is
     normalised (optionally) and quantized once for both; the squared-ReLU gating runs in the
     same op (see :func:`torch_bitnet.reference.bitlinear_relu2_glu` for the roundings).
     """

@@ -32,7 +32,7 @@ Chunk i of a block is again 64 codes for 64 consecutive weights. The code is cho
 AVX-512 VBMI decoder: ``c & 63`` alone gives ``u4 = (c & 63) // 21`` (one 64-entry byte
 lookup), and one 256-entry lookup gives u0..u3 as a byte of the 2-bit format
 (``u0 | u1 << 2 | u2 << 4 | u3 << 6``), so the 2-bit kernel's arithmetic follows unchanged.
-Five zero weights encode as 104 (:data:`TRIT5_ZERO`). 171 of the 256 byte values are never
+Five zero weights encode as 104 (:data:`TRIT5_ZERO`). 13 of the 256 byte values are never
 produced; :func:`unpack_ternary` rejects them, and the kernels read them as a fixed pattern
 (u0..u3 = 1, u4 = min(2, (c & 63) // 21)) on every path. :func:`repack` converts between the
 formats losslessly.

@@ -82,7 +82,8 @@ class BitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, weight=ternary packed {self.ternary_format} {tuple(self.weight.shape)} uint8"
+            f"bias={self.bias is not None}, "
+            f"weight=ternary packed {self.ternary_format} {tuple(self.weight.shape)} uint8"
         )
 
     @property
@@ -144,12 +145,13 @@ class BitLinear(nn.Module):
 def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     """Repack every :class:`BitLinear` of ``model`` into ``ternary_format``, in place; returns it.
 
-    ``"2bit"``: 2 bits per weight, the default and the fastest on every path for prefill and
-    at one thread. ``"5trit"``: 1.6 bits per weight (20% fewer bytes per decode token, less
-    memory); its decode kernel needs AVX-512 VBMI (the ``avx512vbmi`` path) and decodes about
-    80 G weights/s per core, so it is faster only where a core reads fewer bytes than that
-    (several threads sharing the memory bus); other paths unpack 5-trit weights to 2 bits on
-    every call (correct, but slow in decode). See BENCHMARKS.md for measurements.
+    ``"2bit"``: 2 bits per weight, the default. ``"5trit"``: 1.6 bits per weight, 20% fewer
+    bytes for the ternary weights (about 100 MB less memory at the 2B-4T shape). Its decode
+    kernel needs AVX-512 VBMI (the ``avx512vbmi`` path) and multiplies ~78 G weights/s per core
+    (2-bit: ~108 G), so it decodes faster only where a core gets less than ~16 GB/s of weights;
+    on this project's 2-core Zen 4 both formats decode at the same speed (BENCHMARKS.md). The
+    other paths unpack 5-trit weights to 2 bits on every call: correct, but slow in decode.
+    Prefill runs the 2-bit kernels on unpacked rows in both cases.
 
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
     compile after it (a model compiled before is recompiled, as its weights changed shape).

@@ -194,7 +194,9 @@ def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     format) or non-zero padding.
     """
     if packed.dim() not in (2, 3):
-        raise ValueError(f"torch_bitnet: packed weight must be 2-D (2-bit) or 3-D (5-trit), got shape {tuple(packed.shape)}")
+        raise ValueError(
+            f"torch_bitnet: packed weight must be 2-D (2-bit) or 3-D (5-trit), got shape {tuple(packed.shape)}"
+        )
     check_packed(packed, in_features, packed.shape[0])
     codes, bad = _codes(packed.contiguous())
     if bool(bad.any()):

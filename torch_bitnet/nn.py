@@ -148,7 +148,7 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     ``"2bit"``: 2 bits per weight, the default. ``"5trit"``: 1.6 bits per weight, 20% fewer
     bytes for the ternary weights (about 100 MB less memory at the 2B-4T shape). Its decode
     kernel needs AVX-512 VBMI (the ``avx512vbmi`` path) and multiplies ~78 G weights/s per core
-    (2-bit: ~108 G), so it decodes faster only where a core gets less than ~16 GB/s of weights;
+    (2-bit: ~108 G), so it decodes faster only where one core reads less than ~20 GB/s;
     on this project's 2-core Zen 4 both formats decode at the same speed (BENCHMARKS.md). The
     other paths unpack 5-trit weights to 2 bits on every call: correct, but slow in decode.
     Prefill runs the 2-bit kernels on unpacked rows in both cases.

@@ -229,6 +229,11 @@ def test_env_var_forces_path_at_import():
     done = _import_with_env("scalar")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "scalar"
+    # The best path is the default; each of the others can be forced (avx512 without VBMI too).
+    best = torch_bitnet.available_isas()[-1]
+    assert _import_with_env("").stdout.strip() == best
+    for name in torch_bitnet.available_isas()[1:]:
+        assert _import_with_env(name).stdout.strip() == name
     done = _import_with_env("sse9")
     assert done.returncode != 0
     assert "TORCH_BITNET_ISA='sse9' is not one of scalar, avx2, avx512, avx512vbmi" in done.stderr

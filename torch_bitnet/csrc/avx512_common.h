@@ -1,5 +1,6 @@
 // Pieces shared by the AVX-512 VNNI kernel files (kernels_avx512.cpp, int8_avx512.cpp,
-// int4_avx512.cpp): the target attributes, the dword transpose and the transposing reduction.
+// int4_avx512.cpp, ternary5_avx512.cpp): the target attributes, the dword transpose, the
+// transposing reduction and the code planes' sum.
 // Included only from x86-64 builds of those files.
 #pragma once
 
@@ -69,6 +70,14 @@ TB_AVX512_INLINE void transpose16(__m512i (&v)[16]) {
   }
   #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) v[j] = t[j];
+}
+
+// One row's sum_k u*x from the accumulators of the 2-bit format's four code planes, each
+// isolated with an AND and no shift (plane i holds u * 4^i): every product of plane i is a
+// multiple of 4^i, so >> 2i scales its sum back exactly. (The 2-bit and 5-trit decode GEMVs.)
+TB_AVX512_INLINE int32_t plane_sum(const __m512i (&acc)[4]) {
+  return _mm512_reduce_add_epi32(acc[0]) + (_mm512_reduce_add_epi32(acc[1]) >> 2) +
+         (_mm512_reduce_add_epi32(acc[2]) >> 4) + (_mm512_reduce_add_epi32(acc[3]) >> 6);
 }
 
 }  // namespace tbn

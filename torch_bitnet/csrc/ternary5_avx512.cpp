@@ -76,9 +76,7 @@ TB_VBMI void gemv5_tile(const GemmProblem& p, int64_t n) {
   }
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
-    const int32_t s = _mm512_reduce_add_epi32(acc[r][0]) + (_mm512_reduce_add_epi32(acc[r][1]) >> 2) +
-                      (_mm512_reduce_add_epi32(acc[r][2]) >> 4) + (_mm512_reduce_add_epi32(acc[r][3]) >> 6);
-    store_result(p, 0, n + r, s);
+    store_result(p, 0, n + r, plane_sum(acc[r]));
   }
 }
 

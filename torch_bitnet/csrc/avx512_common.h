@@ -73,11 +73,15 @@ TB_AVX512_INLINE void transpose16(__m512i (&v)[16]) {
 }
 
 // One row's sum_k u*x from the accumulators of the 2-bit format's four code planes, each
-// isolated with an AND and no shift (plane i holds u * 4^i): every product of plane i is a
-// multiple of 4^i, so >> 2i scales its sum back exactly. (The 2-bit and 5-trit decode GEMVs.)
+// isolated with an AND and no shift (plane i holds u * 4^i): every lane of plane i's
+// accumulator is a sum of multiples of 4^i, so an arithmetic >> 2i scales it back exactly,
+// lane by lane, and the four planes need one horizontal sum instead of four (fewer
+// instructions; no measurable speed change, the multiply-adds dominate). Used by the 2-bit
+// and 5-trit decode GEMVs.
 TB_AVX512_INLINE int32_t plane_sum(const __m512i (&acc)[4]) {
-  return _mm512_reduce_add_epi32(acc[0]) + (_mm512_reduce_add_epi32(acc[1]) >> 2) +
-         (_mm512_reduce_add_epi32(acc[2]) >> 4) + (_mm512_reduce_add_epi32(acc[3]) >> 6);
+  const __m512i lo = _mm512_add_epi32(acc[0], _mm512_srai_epi32(acc[1], 2));
+  const __m512i hi = _mm512_add_epi32(_mm512_srai_epi32(acc[2], 4), _mm512_srai_epi32(acc[3], 6));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(lo, hi));
 }
 
 }  // namespace tbn

@@ -43,8 +43,8 @@ TB_VBMI_INLINE __m512i decode(const Trit5Regs& t, __m512i c, __m512i* u4) {
 // codes are unshifted like plane 0's. Per 64 packed bytes (320 weights): 1 load, 1 mask move,
 // 2 VPERMI2B, 1 VPERMB, 4 AND, 5 VPDPBUSD. The prefetch runs PF bytes ahead into L1: with the
 // decode's extra work per byte the lines must be in L1, not L2 (the 2-bit kernel's 8 KiB L2
-// prefetch was 5-15% slower here). Measured at the 2B-4T shapes against 1-16 KiB into L1 or L2:
-// 4 KiB for rows of <= 768 bytes and 8 KiB for longer ones (about two tiles ahead).
+// prefetch was ~20% slower here). Chosen in a standalone harness at the 2B-4T shapes among
+// 1-16 KiB into L1 or L2: 4 KiB for rows of <= 768 bytes, 8 KiB for longer ones (~two tiles).
 template <int NR, int PF>
 TB_VBMI void gemv5_tile(const GemmProblem& p, int64_t n) {
   const Trit5Regs t = load_tables();

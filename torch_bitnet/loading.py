@@ -33,7 +33,15 @@ from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
 from .int4 import int4_shapes, quantize_int4_rows
 from .int8 import int8_shape, quantize_int8_rows
-from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, set_ternary_format
+from .nn import (
+    BitLinear,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    check_ternary_format,
+    set_ternary_format,
+)
 from .packing import FORMATS, from_hf_packed, packed_shape, ternarize
 
 __all__ = ["from_pretrained", "save_pretrained", "convert_checkpoint", "resolve_model_path"]
@@ -297,8 +305,8 @@ def from_pretrained(
         raise TypeError(f"torch_bitnet: dtype must be float32, bfloat16 or float16, got {dtype}")
     if lm_head not in LM_HEADS:
         raise ValueError(f"torch_bitnet: lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
-    if ternary_format is not None and ternary_format not in FORMATS:
-        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
+    if ternary_format is not None:
+        check_ternary_format(ternary_format)
     path = resolve_model_path(path_or_id, revision)
     raw = _read_config(path)
     ours = FORMAT_KEY in raw

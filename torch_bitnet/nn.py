@@ -142,6 +142,12 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, self.in_features)
 
 
+def check_ternary_format(ternary_format: str) -> None:
+    """Raise ValueError unless ``ternary_format`` names a packed format (``"2bit"``, ``"5trit"``)."""
+    if ternary_format not in FORMATS:
+        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
+
+
 def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     """Repack every :class:`BitLinear` of ``model`` into ``ternary_format``, in place; returns it.
 
@@ -156,8 +162,7 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
     compile after it (a model compiled before is recompiled, as its weights changed shape).
     """
-    if ternary_format not in FORMATS:
-        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
+    check_ternary_format(ternary_format)
     for module in model.modules():
         if isinstance(module, BitLinear) and module.ternary_format != ternary_format:
             module.weight = repack(module.weight, module.in_features, ternary_format)

@@ -285,10 +285,10 @@ struct Kernels {
   // int4 group weights: results for output rows [n0, n1) (n0 a multiple of kInt4Tile) and all
   // M tokens of p.
   void (*int4_gemm)(const Int4Problem& p, int64_t n0, int64_t n1);
-  // 5-trit weights -> 2-bit weights: `rows` rows of w5 (row stride ld5 bytes, Kp5 = k_pad5) are
-  // written to w2 (row stride k_pad2 / 4 bytes) in the 2-bit format, weights k_pad5 <= k < k_pad2
-  // as zeros. Lossless: the ISA's gemm then multiplies them.
-  void (*unpack5)(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
+  // 5-trit weights -> 2-bit weights: `rows` rows of w5 (Kp5 = k_pad5 weights, k_pad5 / 5 bytes
+  // per row) are written to w2 (row stride k_pad2 / 4 bytes) in the 2-bit format, weights
+  // k_pad5 <= k < k_pad2 as zeros. Lossless: the ISA's gemm then multiplies them.
+  void (*unpack5)(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
   // One token (p.m == 1) against 5-trit weights, streamed without unpacking: results for output
   // rows [n0, n1) of p, whose w is 5-trit (p.ldw = Kp5 / 5, p.k_pad = Kp5). Null on the paths
   // without such a kernel (ops.cpp then unpacks and calls gemm).
@@ -304,7 +304,7 @@ extern const Kernels kAvx512VbmiKernels;
 #endif
 
 // The portable unpack5 (ternary5_scalar.cpp), used by every table but the VBMI one.
-void unpack5_scalar(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
+void unpack5_scalar(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);
 
 // ---- helpers shared by the ISA files ----
 

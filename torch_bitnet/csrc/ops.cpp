@@ -125,15 +125,6 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
 // Output rows unpacked at a time from the 5-trit format: one panel of the AVX-512 prefill kernel.
 constexpr int64_t kUnpackRows = 64;
 
-// One thread's buffer of 2-bit rows unpacked from 5-trit ones (kUnpackRows x Kp/4 bytes).
-struct UnpackBuffer {
-  std::vector<uint8_t> data;
-  uint8_t* get(size_t bytes) {
-    if (data.size() < bytes) data.resize(bytes);
-    return data.data();
-  }
-};
-
 // Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
 // token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows
 // are unpacked to the 2-bit format (k_pad2 = K rounded up to 256) and the ISA's gemm runs on
@@ -144,13 +135,15 @@ void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
     kern.gemv5(p, n0, n1);
     return;
   }
-  thread_local UnpackBuffer buffer;
+  // One thread's 2-bit rows (kUnpackRows x Kp/4 bytes), grown to the largest K seen.
+  thread_local std::vector<uint8_t> buffer;
   const int64_t ld2 = k_pad2 / 4;
-  uint8_t* rows2 = buffer.get(size_t(kUnpackRows * ld2));
+  if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
+  uint8_t* rows2 = buffer.data();
   const size_t elem = p.ep.out_dtype == DType::F32 ? 4 : 2;
   for (int64_t n = n0; n < n1; n += kUnpackRows) {
     const int64_t rows = std::min(kUnpackRows, n1 - n);
-    kern.unpack5(p.w + n * p.ldw, p.ldw, p.k_pad, rows, rows2, k_pad2);
+    kern.unpack5(p.w + n * p.ldw, p.k_pad, rows, rows2, k_pad2);
     GemmProblem q = p;
     q.w = rows2;
     q.ldw = ld2;

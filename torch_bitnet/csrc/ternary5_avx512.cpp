@@ -94,13 +94,12 @@ void gemv5_vbmi(const GemmProblem& p, int64_t n0, int64_t n1) {
 
 // unpack5_scalar's loop (chunk q of the row: digit q % 5 of 5-trit block q / 5, bits 2 (q % 4)
 // of 2-bit block q / 4) on 64-byte vectors: each 5-trit block is decoded once.
-TB_VBMI void unpack5_vbmi(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2,
-                          int64_t k_pad2) {
+TB_VBMI void unpack5_vbmi(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2) {
   const Trit5Regs t = load_tables();
   const __m512i three = _mm512_set1_epi8(3), ones = _mm512_set1_epi8(1);
   const int64_t chunks5 = k_pad5 / 64, chunks2 = k_pad2 / 64;
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* src = w5 + r * ld5;
+    const uint8_t* src = w5 + r * (k_pad5 / 5);
     uint8_t* dst = w2 + r * (k_pad2 / 4);
     __m512i lo = ones, u4 = ones, out = _mm512_setzero_si512();
     for (int64_t q = 0; q < chunks2; ++q) {

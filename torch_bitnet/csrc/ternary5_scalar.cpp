@@ -5,10 +5,10 @@ namespace tbn {
 
 // Both formats store 64 consecutive weights per 64-byte chunk: chunk q (weights 64q .. 64q + 63)
 // is digit q % 5 of 5-trit block q / 5 and bits 2 (q % 4) of 2-bit block q / 4.
-void unpack5_scalar(const uint8_t* w5, int64_t ld5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2) {
+void unpack5_scalar(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2) {
   const int64_t chunks5 = k_pad5 / 64, chunks2 = k_pad2 / 64;
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* src = w5 + r * ld5;
+    const uint8_t* src = w5 + r * (k_pad5 / 5);
     uint8_t* dst = w2 + r * (k_pad2 / 4);
     std::memset(dst, 0, size_t(k_pad2 / 4));
     for (int64_t q = 0; q < chunks2; ++q) {

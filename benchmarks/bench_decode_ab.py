@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""Decode speed of the 2-bit and the 5-trit weight formats, whole 2B-4T model, in one process.
+"""Decode speed of two variants of the whole 2B-4T model, in one process.
 
-    python benchmarks/bench_decode_ab.py                    # 2 threads, int8 lm_head
+    python benchmarks/bench_decode_ab.py                    # 2-bit vs 5-trit weights, 2 threads
     python benchmarks/bench_decode_ab.py --threads 1 --blocks 24 --lm-head int4
+    python benchmarks/bench_decode_ab.py --compare step     # ahead-of-time vs lazily compiled step
+
+``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
+one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
+(``generate``'s) and the lazily compiled one (``DecodeSession(ahead_of_time=False)``: dynamo's
+guarded call, its guard evaluation skipped after the first step of a block).
 
 Separate processes on this shared machine are not comparable: the read bandwidth one process
 gets moves by a third between runs minutes apart (``torch-bitnet bench`` prints it). So both
-models (the random-weight 2B-4T checkpoints of ``torch-bitnet bench``, written once into
-``--workdir``, one per format) are loaded and compiled in this process, each prefills the same
+variants (on the random-weight 2B-4T checkpoints of ``torch-bitnet bench``, written once into
+``--workdir``) are loaded and compiled in this process, each prefills the same
 ``--context``-token prompt, and then they decode in alternating blocks of ``--steps`` tokens
 (compiled decode steps, as ``generate`` runs them), the first block of each pair alternating
-between the formats. Printed: the median ms per token of each, the median paired difference
-and in how many pairs 5-trit was faster.
+between the variants. Printed: the median ms per token of each, the median paired difference
+(second minus first) and in how many pairs the second was faster.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from torch_bitnet.bench import cpu_model, default_workdir, prepare_checkpoint
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", choices=("formats", "step"), default="formats", help="what differs (default formats)")
+    p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit", help="weights for --compare step")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
@@ -46,11 +54,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     max_len = args.context + 2 * args.blocks * args.steps + 1
     runs = {}
-    for fmt in ("2bit", "5trit"):
-        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=fmt)
+    if args.compare == "formats":
+        for fmt in ("2bit", "5trit"):
+            path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=fmt)
+            model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
+            runs[fmt] = {"model": model, "session": gen.prepare(model, max_len)}
+    else:
+        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
         model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
-        session = gen.prepare(model, max_len)
-        runs[fmt] = {"model": model, "session": session, "ms": []}
+        for name, aot in (("lazy", False), ("aot", True)):
+            session = gen.DecodeSession(model, max_len, ahead_of_time=aot)
+            session.warm_up(model)
+            runs[name] = {"model": model, "session": session}
+    names = list(runs)
+    for run in runs.values():
+        run["ms"] = []
     ids = torch.randint(0, 128000, (1, args.context), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for run in runs.values():
@@ -58,8 +76,7 @@ def main() -> None:
             run["token"] = gen.prefill(run["model"], ids, run["session"].cache).argmax(-1, keepdim=True)
             run["position"] = torch.tensor([args.context])
         for b in range(2 * args.blocks):
-            fmt = ("2bit", "5trit")[(b + b // 2) % 2]  # pairs alternate which format goes first
-            run = runs[fmt]
+            run = runs[names[(b + b // 2) % 2]]  # pairs alternate which variant goes first
             token, position = run["token"], run["position"]
             start = time.perf_counter()
             for i in range(args.steps):
@@ -68,16 +85,16 @@ def main() -> None:
                 position += 1
             run["ms"].append((time.perf_counter() - start) / args.steps * 1e3)
             run["token"] = token
-    two, five = runs["2bit"]["ms"], runs["5trit"]["ms"]
-    diff = [b - a for a, b in zip(two, five)]
+    first, second = (runs[name]["ms"] for name in names)
+    diff = [b - a for a, b in zip(first, second)]
     print(f"CPU: {cpu_model()} | torch {torch.__version__} | ISA {tb.get_isa()} | {args.threads} threads | "
           f"{datetime.date.today().isoformat()} | lm_head {args.lm_head} | context {args.context}")
-    for fmt, ms in (("2bit", two), ("5trit", five)):
-        print(f"{fmt:6s} median {statistics.median(ms):6.2f} ms/token ({1e3 / statistics.median(ms):5.1f} tok/s)  "
+    for name in names:
+        ms = runs[name]["ms"]
+        print(f"{name:6s} median {statistics.median(ms):6.2f} ms/token ({1e3 / statistics.median(ms):5.1f} tok/s)  "
               f"blocks: {' '.join(f'{x:.1f}' for x in ms)}")
-    print(f"5trit - 2bit: median {statistics.median(diff):+.2f} ms/token, 5trit faster in "
+    print(f"{names[1]} - {names[0]}: median {statistics.median(diff):+.2f} ms/token, {names[1]} faster in "
           f"{sum(d < 0 for d in diff)}/{len(diff)} block pairs")
-
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,8 @@ our ops: what users run), and the same config as a plain transformers BitNetForC
 greedy tokens exactly.
 
 A first torch.compile of the decode step costs about 15 s here. Every compiled test uses the
-same model, dtype and cache length (MAX_SEQ_LEN), so the module compiles one graph; dynamo's
-cache reuses it for every later session of the same shapes.
+same model, dtype and cache length (MAX_SEQ_LEN), so later compilations of the same graph
+(one per session: the step is compiled ahead of time) hit inductor's cache.
 """
 
 from __future__ import annotations
@@ -197,33 +197,86 @@ def test_decode_step_one_graph_no_recompile_to_the_end_of_the_cache(float_head_m
                 assert float((step > 0).float().mean()) < 2e-2
 
 
-def test_steady_state_steps_skip_guards_and_give_the_same_logits(model, tokenizer):
-    """``same_as_last=True`` (dynamo's guard evaluation skipped) runs the same compiled graph:
-    the logits of 12 steps equal, bit for bit, those of the same steps run with every guard
-    checked, from the same prompt; and it compiles nothing new."""
-    session = DecodeSession(model, MAX_SEQ_LEN, compile=True)
-    session.warm_up(model)
+def _steps(session, model, tokenizer, n: int, same_as_last: bool) -> list[torch.Tensor]:
+    """Logits of n greedy decode steps after prefilling PROMPT into a reset cache."""
     prompt = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    out = []
+    with torch.inference_mode():
+        session.reset()
+        token = prefill(model, prompt, session.cache).argmax(-1, keepdim=True)
+        position = torch.tensor([prompt.shape[1]])
+        for i in range(n):
+            out.append(session.step(model, token, position, same_as_last=same_as_last and i > 0))
+            token = out[-1].argmax(-1, keepdim=True)
+            position += 1
+    return out
 
-    def run(same_as_last: bool) -> list[torch.Tensor]:
-        out = []
-        with torch.inference_mode():
-            session.reset()
-            token = prefill(model, prompt, session.cache).argmax(-1, keepdim=True)
-            position = torch.tensor([prompt.shape[1]])
-            for i in range(12):
-                out.append(session.step(model, token, position, same_as_last=same_as_last and i > 0))
-                token = out[-1].argmax(-1, keepdim=True)
-                position += 1
-        return out
 
-    checked = run(False)
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["aot", "lazy"])
+def test_steady_state_steps_skip_guards_and_give_the_same_logits(model, tokenizer, ahead_of_time):
+    """``same_as_last=True`` (no guard check: the ahead-of-time step's explicit one, or dynamo's
+    guard evaluation for the lazily compiled step) runs the same compiled graph: the logits of
+    12 steps equal, bit for bit, those of the same steps run with every guard checked, from the
+    same prompt; and it compiles nothing new."""
+    session = DecodeSession(model, MAX_SEQ_LEN, compile=True, ahead_of_time=ahead_of_time)
+    session.warm_up(model)
+    assert session.ahead_of_time == ahead_of_time
+    checked = _steps(session, model, tokenizer, 12, same_as_last=False)
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        skipped = run(True)
+        skipped = _steps(session, model, tokenizer, 12, same_as_last=True)
     assert counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(checked, skipped):
         assert torch.equal(a, b)
+
+
+def test_ahead_of_time_step_recompiles_when_the_model_changes(checkpoint, tokenizer):
+    """The ahead-of-time step checks its guards on the first step of a loop: a change of the
+    weights' layout (tensor guards) or a new forward hook (the session's code key, which its
+    serializable guards cannot express) compiles it again, and the new step computes what the
+    changed model computes; an unchanged model compiles nothing."""
+    import torch_bitnet
+
+    model = from_pretrained(checkpoint, dtype=torch.float32)
+    eager = DecodeSession(model, MAX_SEQ_LEN, compile=False)
+    session = DecodeSession(model, MAX_SEQ_LEN)
+    session.warm_up(model)
+    assert session.ahead_of_time
+    graphs = counters["stats"]["unique_graphs"]
+    before = _steps(session, model, tokenizer, 3, same_as_last=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    torch_bitnet.set_ternary_format(model, "5trit")  # other buffer shapes, the same products
+    after = _steps(session, model, tokenizer, 3, same_as_last=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    try:
+        hooked = _steps(session, model, tokenizer, 1, same_as_last=False)[0]
+        assert counters["stats"]["unique_graphs"] == graphs + 2
+        assert torch.equal(hooked, _steps(eager, model, tokenizer, 1, same_as_last=False)[0])
+        assert torch.allclose(hooked, before[0] + 1.0, rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_a_step_that_cannot_be_compiled_ahead_of_time_is_compiled_lazily(checkpoint, tokenizer):
+    """A module whose forward is an instance attribute (a bound lambda) gives a guard that
+    aot_compile cannot serialize: the session falls back to the lazily compiled step, which
+    gives the eager step's greedy tokens."""
+    import types
+
+    model = from_pretrained(checkpoint, dtype=torch.float32)
+    norm = model.model.norm
+    norm.forward = types.MethodType(lambda self, x: type(self).forward(self, x), norm)
+    session = DecodeSession(model, MAX_SEQ_LEN)
+    session.warm_up(model)
+    assert not session.ahead_of_time
+    eager = DecodeSession(model, MAX_SEQ_LEN, compile=False)
+    ours = [int(x.argmax()) for x in _steps(session, model, tokenizer, 8, same_as_last=True)]
+    assert ours == [int(x.argmax()) for x in _steps(eager, model, tokenizer, 8, same_as_last=False)]
 
 
 def test_generate_does_not_recompile_across_calls_and_under_inference_mode(model, tokenizer):

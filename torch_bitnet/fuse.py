@@ -179,7 +179,13 @@ class _FusedDecoderLayer:
 
 def _fused_class(cls: type) -> type:
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedDecoderLayer, cls), {})
+        name = f"Fused{cls.__name__}"
+        fused = type(name, (_FusedDecoderLayer, cls), {"__module__": __name__})
+        # Reachable as torch_bitnet.fuse.<name>, so pickle can name it: the ahead-of-time
+        # compiled decode step (torch_bitnet.generate) serializes its guards, which name the
+        # layers' classes. (One base class per name: transformers has one BitNetDecoderLayer.)
+        globals()[name] = fused
+        _FUSED_CLASSES[cls] = fused
     return _FUSED_CLASSES[cls]
 
 

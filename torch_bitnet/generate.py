@@ -245,21 +245,67 @@ def _resolve_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str | None) -> str
 _COMPILE_OPTIONS = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False}
 
 
+def _serializable_guard(entry) -> bool:
+    """The guards an ahead-of-time compiled step keeps: ``aot_compile`` serializes them, which
+    it cannot do for guards on globals or on object identity (classes, functions, closures:
+    :func:`_code_key` covers those of the model)."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return not (
+        entry.is_global
+        or entry.guard_type in unsupported
+        or any(kind in unsupported for kind in entry.derived_guard_types or ())
+    )
+
+
+def _keep_serializable_guards(entries) -> list[bool]:
+    return [_serializable_guard(entry) for entry in entries]
+
+
+def _code_key(model: nn.Module) -> tuple:
+    """What decides the code a step of ``model`` runs beyond its tensors and attributes: the
+    class and the forward hooks of every module. The ahead-of-time step's guards cannot check
+    these (object identity), so the session compares this key instead (~0.4 ms for 2B-4T)."""
+    return tuple(
+        (type(m), tuple(m._forward_pre_hooks.values()), tuple(m._forward_hooks.values())) for m in model.modules()
+    )
+
+
 class DecodeSession:
     """A static KV cache for one model and the decode step that runs on it.
 
     ``kv_cache_dtype`` (``int8`` | ``bf16`` | ``fp32``) defaults to the model's setting
     (:func:`torch_bitnet.kv_cache.set_kv_cache_dtype`), else ``BITNET_KV_CACHE_DTYPE``, else int8.
 
-    :meth:`step` runs ``torch.compile(decode_one_token, fullgraph=True, dynamic=False)`` with
-    inductor's ``emulate_precision_casts`` (bf16 intermediates rounded as in eager) (or
-    the plain function with ``compile=False``) on the session's cache. :meth:`warm_up` compiles
-    it on a dummy token so the compilation is timed apart from generation. The session holds no
-    reference to the model: pass the same model (or one of the same architecture and dtype) to
-    every call.
+    :meth:`step` runs :func:`decode_one_token` compiled with ``torch.compile(fullgraph=True,
+    dynamic=False)`` and inductor's ``emulate_precision_casts`` (bf16 intermediates rounded as
+    in eager) on the session's cache (or the plain function with ``compile=False``).
+    :meth:`warm_up` compiles it, ahead of time (``torch.compile(...).aot_compile``), and runs it
+    once on a dummy token so the compilation is timed apart from generation. The session holds
+    no reference to the model: pass the same model (or one of the same architecture and dtype)
+    to every call.
+
+    Why ahead of time: a function compiled the usual way looks up its compiled graph through
+    dynamo's guards on every call, and at the 2B-4T shape those include one tensor check for
+    each of the ~700 buffers even with guard evaluation otherwise skipped (dynamo keeps tensor
+    guards on buffers, not on parameters): 1.6 ms of a 30 ms token (2 threads). The
+    ahead-of-time function is called directly; its guards are checked explicitly, on the first
+    step of each decode loop only (see :meth:`step`). Models whose step cannot be compiled
+    ahead of time (it needs every guard serializable), and sessions made with
+    ``ahead_of_time=False``, get the usual lazily compiled step, with dynamo's guard evaluation
+    skipped in the steady state; ``ahead_of_time`` then reads False.
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int, *, compile: bool = True, kv_cache_dtype: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        max_seq_len: int,
+        *,
+        compile: bool = True,
+        kv_cache_dtype: str | None = None,
+        ahead_of_time: bool = True,
+    ):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
         self.max_seq_len = max_seq_len
@@ -276,19 +322,42 @@ class DecodeSession:
         # difference was at token 12 without it).
         # size_asserts / alignment_asserts off: the generated wrapper would otherwise check the
         # shape and strides of every input (~700 weights for 2B-4T) and every op output on each
-        # token; dynamo's guards already checked the inputs, and our ops check what they read
-        # (measured together with the guard skip: see step).
-        self._step: Callable = (
-            torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=_COMPILE_OPTIONS)
-            if compile
-            else decode_one_token
+        # token; the guards already checked the inputs, and our ops check what they read.
+        self._aot_compiler = torch.compile(
+            decode_one_token,
+            fullgraph=True,
+            dynamic=False,
+            options={**_COMPILE_OPTIONS, "guard_filter_fn": _keep_serializable_guards},
         )
+        # The step: the ahead-of-time compiled function, or (not self.ahead_of_time) the lazily
+        # compiled one; None until compiled.
+        self._step: Callable | None = None
+        self.ahead_of_time = ahead_of_time
+        self._code_key: tuple | None = None
         self.warm = not compile  # the eager step has nothing to warm up
         self.compile_seconds = 0.0
 
     def reset(self) -> None:
         """Forget every cached position (the next prefill starts at position 0)."""
         self.cache.reset()
+
+    def _compile(self, model: nn.Module, args: tuple) -> None:
+        """Compile the step for ``args`` (model, token, position, cache, cache argument)."""
+        self._code_key = _code_key(model)
+        if self.ahead_of_time:
+            try:
+                step = self._aot_compiler.aot_compile((args, {}))
+            except Exception as error:  # any failure leaves the lazy path (which raises real errors)
+                logger.info("the decode step cannot be compiled ahead of time (%s); compiling it lazily", error)
+                self.ahead_of_time = False
+            else:
+                step.disable_guard_check()  # checked in step() unless the caller vouches for them
+                self._step = step
+                return
+        self._step = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=_COMPILE_OPTIONS)
+
+    def _guards_hold(self, model: nn.Module, args: tuple) -> bool:
+        return self._code_key == _code_key(model) and self._step.guard_check(*args)
 
     def step(
         self, model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor, *, same_as_last: bool = False
@@ -298,20 +367,31 @@ class DecodeSession:
 
         ``same_as_last=True`` is the caller's promise that nothing the compiled step depends on
         changed since the previous call (same model object and state, same argument shapes and
-        dtypes: the steady state of one decode loop). The step then skips dynamo's guard
-        evaluation (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``) over the ~700
-        weights and the model's attributes (with the step's dropped size asserts: 0.7 ms per
-        token at the 2B-4T shape, 2 threads; 0.3 ms on the default model).
-        :func:`generate` passes it from the second step of a loop on; the first step of every
-        loop runs with every guard, so a model changed between calls still recompiles.
+        dtypes: the steady state of one decode loop). The step then runs without checking the
+        compiled step's guards (the tensors' dtypes, shapes and strides, the model's attributes,
+        and :func:`_code_key`). Otherwise it checks them first and compiles again if they fail.
+        :func:`generate` passes it from the second step of a loop on, so a model changed
+        between calls still recompiles.
         """
-        skip_guards = same_as_last and self.compiled and self.warm
-        with (
-            torch.inference_mode(),
-            _static_attention(model),
-            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext(),
-        ):
-            return self._step(model, token, cache_position, self.cache, kv_cache.cache_argument(model))
+        args = (model, token, cache_position, self.cache, kv_cache.cache_argument(model))
+        with torch.inference_mode(), _static_attention(model):
+            if not self.compiled:
+                return decode_one_token(*args)
+            if self._step is None:
+                self._compile(model, args)
+            elif not self.ahead_of_time:
+                # Skips dynamo's guard evaluation except the tensor checks on buffers (see class).
+                # (set_stance takes effect when called, so it is called only when it applies.)
+                with (
+                    torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                    if same_as_last
+                    else contextlib.nullcontext()
+                ):
+                    return self._step(*args)
+            elif not same_as_last and not self._guards_hold(model, args):
+                logger.info("the model or the step's arguments changed: compiling the decode step again")
+                self._compile(model, args)
+            return self._step(*args)
 
     @property
     def seq_length(self) -> int:
@@ -328,6 +408,7 @@ class DecodeSession:
         )
         device = _model_device(model)
         start = time.perf_counter()
+        self._step = None  # compile anew (bench times a warm-cache compile this way)
         self.reset()
         token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.step(model, token, torch.zeros(1, dtype=torch.long, device=device))

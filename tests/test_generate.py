@@ -573,3 +573,35 @@ def test_decode_one_token_writes_one_position(model, tokenizer):
     assert session.seq_length == 4
     assert logits.shape == (1, model.config.vocab_size) and logits.dtype == torch.float32
     assert torch.allclose(logits, whole, rtol=0, atol=1e-4 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "token, position, match",
+    [
+        (torch.zeros((1, 2), dtype=torch.long), torch.tensor([0]), r"token must be int64 of shape \(1, 1\)"),
+        (torch.zeros((1, 1), dtype=torch.int32), torch.tensor([0]), "token must be int64"),
+        (torch.zeros((1, 1), dtype=torch.long), torch.tensor(0), r"cache_position must be int64 of shape \(1,\)"),
+        (torch.zeros((1, 1), dtype=torch.long), torch.tensor([0.0]), "cache_position must be int64"),
+    ],
+)
+def test_step_rejects_bad_token_or_position(model, token, position, match):
+    session = DecodeSession(model, 8, compile=False)
+    with pytest.raises(ValueError, match=match):
+        session.step(model, token, position)
+
+
+def test_step_takes_inference_and_ordinary_tensors_without_recompiling(model, tokenizer):
+    """The step copies the caller's token and position into its own tensors: alternating
+    ordinary and inference-mode tensors (which a compiled step's guards tell apart) compiles
+    nothing new and gives the same logits."""
+    session = DecodeSession(model, MAX_SEQ_LEN)
+    session.warm_up(model)
+    graphs = counters["stats"]["unique_graphs"]
+    logits = []
+    for inference in (False, True, False):
+        with torch.inference_mode(inference):
+            token, position = torch.tensor([[7]]), torch.tensor([0])
+        session.reset()  # (outside inference mode too)
+        logits.append(session.step(model, token, position))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])

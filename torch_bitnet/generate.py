@@ -4,9 +4,9 @@ Three small functions do the work:
 
 * :func:`prefill` runs the prompt through the model in chunks (eager: prompt lengths vary);
 * :func:`decode_one_token` runs one token; it is compiled once, ahead of time, with
-  ``torch.compile(fullgraph=True, dynamic=False)`` (see :class:`DecodeSession`). Every tensor it sees has a fixed shape
-  (the cache is allocated once at its full length, the position is a tensor), so one graph
-  serves every step up to the cache length, with no recompilation;
+  ``torch.compile(fullgraph=True, dynamic=False)`` (see :class:`DecodeSession`). Every tensor
+  it sees has a fixed shape (the cache is allocated once at its full length, the position is
+  a tensor), so one graph serves every step up to the cache length, with no recompilation;
 * :func:`generate` tokenizes, prefills, samples, detokenizes incrementally and times it all.
 
 The cache is a transformers ``StaticCache`` whose layers come from :mod:`torch_bitnet.kv_cache`:
@@ -329,12 +329,6 @@ class DecodeSession:
         # size_asserts / alignment_asserts off: the generated wrapper would otherwise check the
         # shape and strides of every input (~700 weights for 2B-4T) and every op output on each
         # token; the guards already checked the inputs, and our ops check what they read.
-        self._aot_compiler = torch.compile(
-            decode_one_token,
-            fullgraph=True,
-            dynamic=False,
-            options={**_COMPILE_OPTIONS, "guard_filter_fn": _keep_serializable_guards},
-        )
         # The step: the ahead-of-time compiled function, or (not self.ahead_of_time) the lazily
         # compiled one; None until compiled.
         self._step: Callable | None = None
@@ -352,8 +346,10 @@ class DecodeSession:
         """Compile the step for ``args`` (model, token, position, cache, cache argument)."""
         self._code_key = _code_key(model)
         if self.ahead_of_time:
+            options = {**_COMPILE_OPTIONS, "guard_filter_fn": _keep_serializable_guards}
+            compiler = torch.compile(decode_one_token, fullgraph=True, dynamic=False, options=options)
             try:
-                step = self._aot_compiler.aot_compile((args, {}))
+                step = compiler.aot_compile((args, {}))
             except Exception as error:  # any failure leaves the lazy path (which raises real errors)
                 logger.info("the decode step cannot be compiled ahead of time (%s); compiling it lazily", error)
                 self.ahead_of_time = False
@@ -379,6 +375,9 @@ class DecodeSession:
         and :func:`_code_key`). Otherwise it checks them first and compiles again if they fail.
         :func:`generate` passes it from the second step of a loop on, so a model changed
         between calls still recompiles.
+
+        Raises:
+            ValueError: a token or position of another dtype or shape.
         """
         if token.shape != (1, 1) or token.dtype != torch.long:
             raise ValueError(f"token must be int64 of shape (1, 1), got {token.dtype} {tuple(token.shape)}")
@@ -423,7 +422,7 @@ class DecodeSession:
         )
         device = _model_device(model)
         start = time.perf_counter()
-        self._step = None  # compile anew (bench times a warm-cache compile this way)
+        self._step = None  # compile anew (the bench times a second compilation this way)
         self.reset()
         token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.step(model, token, torch.zeros(1, dtype=torch.long, device=device))

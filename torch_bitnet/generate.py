@@ -245,22 +245,21 @@ def _resolve_kv_cache_dtype(model: nn.Module, kv_cache_dtype: str | None) -> str
 _COMPILE_OPTIONS = {"emulate_precision_casts": True, "size_asserts": False, "alignment_asserts": False}
 
 
-def _serializable_guard(entry) -> bool:
+def _keep_serializable_guards(entries) -> list[bool]:
     """The guards an ahead-of-time compiled step keeps: ``aot_compile`` serializes them, which
     it cannot do for guards on globals or on object identity (classes, functions, closures:
     :func:`_code_key` covers those of the model)."""
     from torch._dynamo.guards import CheckFunctionManager
 
     unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
-    return not (
-        entry.is_global
-        or entry.guard_type in unsupported
-        or any(kind in unsupported for kind in entry.derived_guard_types or ())
-    )
-
-
-def _keep_serializable_guards(entries) -> list[bool]:
-    return [_serializable_guard(entry) for entry in entries]
+    return [
+        not (
+            entry.is_global
+            or entry.guard_type in unsupported
+            or any(kind in unsupported for kind in entry.derived_guard_types or ())
+        )
+        for entry in entries
+    ]
 
 
 def _code_key(model: nn.Module) -> tuple:

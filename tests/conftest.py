@@ -6,11 +6,16 @@
   each path rather than only on the fastest one the CPU picks at import.
 * Hypothesis profiles: ``ci`` (the default) keeps the whole suite at a few minutes on two
   cores; ``thorough`` runs many more examples (``HYPOTHESIS_PROFILE=thorough pytest ...``).
+* Saved decode steps (:mod:`torch_bitnet.step_cache`) go to a directory of this test run
+  (``BITNET_STEP_CACHE_DIR``, removed at the end, inherited by the subprocesses tests start), so
+  a run neither reads steps an earlier one saved nor leaves any behind.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -29,6 +34,13 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=100, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+_STEP_CACHE_DIR = tempfile.mkdtemp(prefix="torch_bitnet_steps_")
+os.environ["BITNET_STEP_CACHE_DIR"] = _STEP_CACHE_DIR
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_STEP_CACHE_DIR, ignore_errors=True)
 
 
 def _forced_isa(name: str):

@@ -230,13 +230,15 @@ def test_steady_state_steps_skip_guards_and_give_the_same_logits(model, tokenize
         assert torch.equal(a, b)
 
 
-def test_ahead_of_time_step_recompiles_when_the_model_changes(checkpoint, tokenizer):
+def test_ahead_of_time_step_recompiles_when_the_model_changes(checkpoint, tokenizer, monkeypatch):
     """The ahead-of-time step checks its guards on the first step of a loop: a change of the
     weights' layout (tensor guards) or a new forward hook (the session's code key, which its
     serializable guards cannot express) compiles it again, and the new step computes what the
-    changed model computes; an unchanged model compiles nothing."""
+    changed model computes; an unchanged model compiles nothing. (Saved steps are off, so
+    that each new step is compiled here: test_step_cache.py covers loading them.)"""
     import torch_bitnet
 
+    monkeypatch.setenv("BITNET_STEP_CACHE", "0")
     model = from_pretrained(checkpoint, dtype=torch.float32)
     eager = DecodeSession(model, MAX_SEQ_LEN, compile=False)
     session = DecodeSession(model, MAX_SEQ_LEN)

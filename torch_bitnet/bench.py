@@ -5,17 +5,20 @@
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
     torch-bitnet bench --ternary-format 5trit     # weights packed 5 per byte (1.6 bits)
 
-Each configuration (one per thread count) runs in a fresh child process, so its peak RSS is
-its own. A run: the RSS of the runtime alone (Python, torch, transformers, torch_bitnet, before
-any weight), load the model (seconds, peak RSS after loading), compile the decode step with
-an empty inductor cache (cold), prefill a prompt (time to first token, prompt tokens/s), decode
-new tokens with the compiled step (tokens/s), then the peak RSS of that whole run (what one
-``generate`` call of this size holds at most), then compile again after
-``torch._dynamo.reset()`` (warm: what a second run of the same model pays; after the peak is
-read, since a second compiled graph in the same process is not part of a run), the model's
-bytes by kind, the KV cache bytes, and the machine's read bandwidth
-(:func:`torch_bitnet.stream_max` over 1 GiB, same threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
-but the embedding table, plus the KV cache at the mean context) times tokens/s.
+Each configuration (one per thread count) runs twice, each time in a fresh child process, so
+each peak RSS is its own process's. A run: the RSS of the runtime alone (Python, torch,
+transformers, torch_bitnet, before any weight), load the model (seconds, peak RSS after
+loading), prepare the decode step, prefill a prompt (time to first token, prompt tokens/s),
+decode new tokens with the compiled step (tokens/s), then the peak RSS of that whole run (what
+one ``generate`` call of this size holds at most), the model's bytes by kind, the KV cache
+bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
+threads) next to the bandwidth the decode achieved: bytes one decode token reads (every
+weight but the embedding table, plus the KV cache at the mean context) times tokens/s.
+
+The first (cold) run starts from an empty inductor cache and compiles the decode step; the
+second (warm) run is a later session of the same model: it loads the step the first one saved
+(:mod:`torch_bitnet.step_cache`). The table shows the cold run's figures and, from the warm
+run, the seconds the step took to load ("load warm s") and the peak RSS ("warm peak MB").
 
 The default model is written once into ``--workdir`` (random ternary weights in the exact
 on-disk format of microsoft/bitnet-b1.58-2B-4T, converted to torch_bitnet's packed layout;
@@ -193,9 +196,9 @@ def measure(
 ) -> dict:
     """One benchmark run in this process (see the module docstring); returns its figures.
 
-    Meant for a fresh process: peak RSS covers the whole process, and the cold compile
-    assumes an empty inductor cache (``run`` points ``TORCHINDUCTOR_CACHE_DIR`` at a new
-    directory for each child).
+    Meant for a fresh process: peak RSS covers the whole process. ``compile_s`` is the time the
+    decode step took to be ready: compiled, or loaded from a saved step (``step_from_disk``);
+    ``run`` gives each configuration's children a new inductor cache and step directory.
     """
     import torch
     from tqdm.auto import tqdm
@@ -208,16 +211,15 @@ def measure(
     from transformers import BitNetForCausalLM  # noqa: F401  (imported here so the runtime's RSS counts it)
 
     runtime_rss = _rss_mb()  # Python + torch + transformers + torch_bitnet, before any weight
-    stages = tqdm(total=5, desc="bench", disable=not progress, file=sys.stderr)
+    stages = tqdm(total=4, desc="bench", disable=not progress, file=sys.stderr)
     stages.set_postfix_str("loading")
     start = time.perf_counter()
     model = from_pretrained(path, kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, progress=False,
                             ternary_format=ternary_format)
     load_s, load_peak, load_rss = time.perf_counter() - start, _peak_rss_mb(), _rss_mb()
     stages.update()
-    stages.set_postfix_str("compiling (cold)")
-    session = prepare(model, prompt_len + new_tokens)  # allocates the cache, compiles the step
-    cold = session.compile_seconds
+    stages.set_postfix_str("compiling or loading the decode step")
+    session = prepare(model, prompt_len + new_tokens)  # allocates the cache, compiles or loads the step
     stages.update()
     stages.set_postfix_str("prefill")
     vocab = model.config.vocab_size
@@ -236,12 +238,7 @@ def measure(
             token = session.step(model, token, position, same_as_last=i > 0).argmax(-1, keepdim=True)
             position += 1
         decode_s = time.perf_counter() - start
-    peak = _peak_rss_mb()  # load + cold compile + prefill + decode: one generate run
-    stages.update()
-    stages.set_postfix_str("compiling (warm)")
-    torch._dynamo.reset()
-    session.warm = False
-    warm = session.warm_up(model)
+    peak = _peak_rss_mb()  # load + compile + prefill + decode: one generate run
     stages.update()
     stages.close()
     sizes = bytes_by_kind(model)
@@ -264,8 +261,8 @@ def measure(
         "load_s": load_s,
         "load_peak_rss_mb": load_peak,
         "rss_after_load_mb": load_rss,
-        "compile_cold_s": cold,
-        "compile_warm_s": warm,
+        "compile_s": session.compile_seconds,
+        "step_from_disk": session.step_from_disk,
         "ttft_s": ttft,
         "prefill_tok_s": prompt_len / ttft,
         "decode_tok_s": decode_tok_s,
@@ -322,7 +319,11 @@ def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache
         "kv_cache_dtype": args.kv_cache_dtype, "lm_head": args.lm_head, "chunk_size": args.chunk_size,
         "ternary_format": args.ternary_format,
     }
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "BITNET_STEP_CACHE_DIR": os.path.join(cache_dir, "steps"),
+        "OMP_NUM_THREADS": str(threads),
+    }
+    env.pop("BITNET_STEP_CACHE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch_bitnet.bench", "--worker", json.dumps(spec)],
         stdout=subprocess.PIPE, text=True, env=env,
@@ -349,11 +350,11 @@ def _worker(spec_json: str) -> None:
 
 _COLUMNS = [
     ("threads", "threads", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
-    ("compile_warm_s", "compile warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
+    ("compile_warm_s", "load warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
     ("decode_tok_s", "decode tok/s", ".2f"), ("decode_gb_s", "decode GB/s", ".1f"), ("stream_gb_s", "read GB/s", ".1f"),
     ("runtime_rss_mb", "runtime MB", ".0f"), ("load_peak_rss_mb", "load peak MB", ".0f"),
     ("rss_after_load_mb", "after load MB", ".0f"),
-    ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"), ("peak_rss_warm_mb", "warm peak MB", ".0f"),
 ]
 
 
@@ -438,8 +439,18 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, list[dict]] = {"torch_bitnet": []}
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:
-            print(f"torch_bitnet, {threads} threads ...", file=sys.stderr)
-            results["torch_bitnet"].append(_child("ours", ours, threads, args, cache_dir))
+            print(f"torch_bitnet, {threads} threads, cold ...", file=sys.stderr)
+            cold = _child("ours", ours, threads, args, cache_dir)
+            print(f"torch_bitnet, {threads} threads, warm (a second session) ...", file=sys.stderr)
+            warm = _child("ours", ours, threads, args, cache_dir)
+            if cold["step_from_disk"] or not warm["step_from_disk"]:
+                print("warning: the warm run did not load the step the cold run compiled", file=sys.stderr)
+            results["torch_bitnet"].append({
+                **{k: v for k, v in cold.items() if k not in ("compile_s", "step_from_disk")},
+                "compile_cold_s": cold["compile_s"], "compile_warm_s": warm["compile_s"],
+                "peak_rss_warm_mb": warm["peak_rss_mb"], "decode_tok_s_warm": warm["decode_tok_s"],
+                "warm_step_from_disk": warm["step_from_disk"],
+            })
             if theirs is not None:
                 print(f"transformers, {threads} threads ...", file=sys.stderr)
                 results.setdefault("transformers", []).append(_child("transformers", theirs, threads, args, cache_dir))

@@ -229,7 +229,7 @@ def _report(result) -> None:
         f"decode {result.new_tokens} tokens at {result.decode_tokens_per_second:.1f} tok/s",
     ]
     if result.compile_seconds:
-        parts.append(f"compile or load of the decode step {result.compile_seconds:.1f} s (not counted)")
+        parts.append(f"decode step ready in {result.compile_seconds:.1f} s (not counted)")
     parts.append(f"peak RSS {_peak_rss_mib():.0f} MiB")
     _info(" | ".join(parts))
 

@@ -298,7 +298,7 @@ class DecodeSession:
 
     An ahead-of-time step is saved on disk once compiled, and later sessions of a model of the
     same kind load it instead of compiling (:mod:`torch_bitnet.step_cache`: 18-21 s of
-    compilation at the 2B-4T shape become ~2-3 s of loading; ``BITNET_STEP_CACHE=0`` turns it
+    compilation at the 2B-4T shape become 3-4 s of loading; ``BITNET_STEP_CACHE=0`` turns it
     off); ``step_from_disk`` tells whether the current step was loaded.
     """
 

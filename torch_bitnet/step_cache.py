@@ -4,18 +4,19 @@
 process: 18-21 s at the 2B-4T shape, 4-7 s for the default model (torch cannot reuse its own
 caches for an ahead-of-time compilation), and the compilation's memory stays in the process
 (~90 MB at 2B-4T). So a session saves the step it compiled, and later sessions of a model of
-the same kind load it (~2-3 s when inductor's cache still holds the step's kernels, ~13 s when
-they must be rebuilt):
+the same kind load it: 3-4 s at 2B-4T and ~2 s for the default model while inductor's cache
+holds the step's kernels (13 s for the default model when they had to be rebuilt):
 
 * **Where**: ``BITNET_STEP_CACHE_DIR``, else ``torch_bitnet_steps`` in inductor's cache
   directory (``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``), where the
   step's kernels are built: the two are cleared together. ``BITNET_STEP_CACHE=0`` turns saving
   and loading off.
 * **Which file**: a hash of what decides the compiled code beyond the step's own guards: the
-  versions of Python, torch and torch_bitnet (the bytes of its compiled library), the thread
-  count (inductor builds its kernels for it), the vector instruction set inductor builds for,
-  the model's modules (names and classes), parameters and buffers (names, dtypes, shapes,
-  strides) and config, the KV cache (classes, lengths, dtypes), and the compile options.
+  versions of Python, torch and torch_bitnet (the bytes of its compiled library and of its
+  Python files), the thread count (inductor builds its kernels for it), the vector
+  instruction set inductor builds for, the model's modules (names, classes, forward hooks),
+  parameters and buffers (names, dtypes, shapes, strides) and config, the KV cache (classes,
+  lengths, dtypes), and the compile options.
 * **When a saved step is used**: the Python files it was traced from (transformers',
   torch_bitnet's) are unchanged (their hashes are saved next to it), it loads, and its guards
   (the dtypes, shapes and strides of every tensor the step reads, the attributes it read) pass
@@ -66,6 +67,16 @@ def step_cache_dir() -> Path | None:
 @functools.lru_cache(maxsize=None)
 def _file_hash(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _package_sources_hash() -> str:
+    """One hash of torch_bitnet's Python files: some of them shape the compiled step without being
+    traced into it (the fake kernels that give our ops' output shapes, the module setup)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + _file_hash(str(path)).encode())
+    return digest.hexdigest()
 
 
 def _qualified(obj) -> str | None:
@@ -134,7 +145,7 @@ def step_key(model: nn.Module, cache, options: dict) -> str | None:
         "format": _FORMAT,
         "python": sys.version,
         "torch": torch.__version__,
-        "torch_bitnet": [__version__, _file_hash(_C.__file__)],
+        "torch_bitnet": [__version__, _file_hash(_C.__file__), _package_sources_hash()],
         "threads": torch.get_num_threads(),
         "vec_isa": str(pick_vec_isa()),
         "modules": modules,

@@ -339,7 +339,6 @@ class DecodeSession:
         self._step: Callable | None = None
         self.ahead_of_time = ahead_of_time
         self._code_key: tuple | None = None
-        self.warm = not compile  # the eager step has nothing to warm up
         self.compile_seconds = 0.0
         # Whether the step was loaded from a file an earlier session saved (torch_bitnet.step_cache)
         # instead of compiled.
@@ -437,6 +436,11 @@ class DecodeSession:
             return self._step(*args)
 
     @property
+    def warm(self) -> bool:
+        """Whether the step is ready: compiled or loaded (the eager step always is)."""
+        return not self.compiled or self._step is not None
+
+    @property
     def seq_length(self) -> int:
         """Positions currently held."""
         return int(self.cache.get_seq_length())
@@ -453,13 +457,11 @@ class DecodeSession:
         )
         device = _model_device(model)
         start = time.perf_counter()
-        self._step = None  # compile anew (the bench times a second compilation this way)
         self.reset()
         token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.step(model, token, torch.zeros(1, dtype=torch.long, device=device))
         self.reset()
         self.compile_seconds = time.perf_counter() - start
-        self.warm = True
         logger.info(
             "%s the decode step in %.1f s", "loaded" if self.step_from_disk else "compiled", self.compile_seconds
         )

@@ -95,9 +95,9 @@ def _tensor_entry(name: str, t: torch.Tensor) -> list:
     return [name, str(t.dtype), list(t.shape), list(t.stride())]
 
 
-def _cache_entries(cache) -> list:
+def _cache_entries(cache) -> list | None:
     """The KV cache: its class, and each layer's class with its tensors' and numbers' values
-    that are not per-token state (dtypes, shapes, lengths)."""
+    that are not per-token state (dtypes, shapes, lengths); None if a class cannot be named."""
     entries: list = [_qualified(type(cache))]
     for layer in getattr(cache, "layers", ()):
         fields = []
@@ -109,7 +109,7 @@ def _cache_entries(cache) -> list:
             elif isinstance(value, torch.dtype):
                 fields.append([name, str(value)])
         entries.append([_qualified(type(layer)), fields])
-    return entries
+    return None if entries[0] is None or any(entry[0] is None for entry in entries[1:]) else entries
 
 
 def step_key(model: nn.Module, cache, options: dict) -> str | None:
@@ -135,7 +135,7 @@ def step_key(model: nn.Module, cache, options: dict) -> str | None:
             return None
         modules.append([name, cls, hooks])
     cache_entries = _cache_entries(cache)
-    if None in cache_entries or any(entry[0] is None for entry in cache_entries[1:]):
+    if cache_entries is None:
         return None
     tensors = [_tensor_entry(n, t) for n, t in model.named_parameters()]
     tensors += [_tensor_entry(n, t) for n, t in model.named_buffers()]

@@ -302,15 +302,20 @@ def test_every_byte_value():
     assert 256 - len(rejected) == 243
 
 
+def assert_unpack_and_repack_reject(packed: torch.Tensor, k: int, match: str) -> None:
+    """Both readers of 5-trit bytes refuse ``packed`` with a ValueError matching ``match``."""
+    with pytest.raises(ValueError, match=match):
+        unpack_ternary(packed, k)
+    with pytest.raises(ValueError, match=match):
+        repack(packed, k, "2bit")
+
+
 def test_invalid_byte_in_padding_rejected():
     # K = 330: block 1 byte 20 holds k = 340, 404, ... (all padding); an invalid byte there is
     # still rejected, as is repacking it.
     packed = pack_ternary(torch.zeros((2, 330), dtype=torch.int8), "5trit")
     packed[0, 1, 20] = 232
-    with pytest.raises(ValueError, match="encodes no five ternary weights"):
-        unpack_ternary(packed, 330)
-    with pytest.raises(ValueError, match="encodes no five ternary weights"):
-        repack(packed, 330, "2bit")
+    assert_unpack_and_repack_reject(packed, 330, "encodes no five ternary weights")
 
 
 def test_non_zero_padding_rejected():
@@ -326,10 +331,7 @@ def test_non_zero_padding_rejected():
     # K = 330: a whole byte of padding (block 1 byte 20, k = 340...), u0 = 2: c = 105.
     packed = pack_ternary(torch.zeros((1, 330), dtype=torch.int8), "5trit")
     packed[0, 1, 20] = 105
-    with pytest.raises(ValueError, match="non-zero values in the K padding"):
-        unpack_ternary(packed, 330)
-    with pytest.raises(ValueError, match="non-zero values in the K padding"):
-        repack(packed, 330, "2bit")
+    assert_unpack_and_repack_reject(packed, 330, "non-zero values in the K padding")
 
 
 BOTH_300 = r"expected \(2, 128\) \(2-bit\) or \(2, 1, 64\) \(5-trit\)"

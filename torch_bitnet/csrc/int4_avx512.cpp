@@ -103,8 +103,8 @@ TB_AVX512 void tile(const Int4Problem& p, int64_t m, int64_t t, __mmask16 rows) 
         for (int i = 0; i < MR; ++i) {
           const int8_t* x = p.xq + (m + i) * p.ldq + 8 * line;
           const int a0 = (2 * c) % kAcc, a1 = (2 * c + 1) % kAcc;
-          acc[i][a0] = _mm512_dpbusd_epi32(acc[i][a0], lo, _mm512_set1_epi32(load_i32(x)));
-          acc[i][a1] = _mm512_dpbusd_epi32(acc[i][a1], hi, _mm512_set1_epi32(load_i32(x + 4)));
+          acc[i][a0] = dpbusd(acc[i][a0], lo, _mm512_set1_epi32(load_i32(x)));
+          acc[i][a1] = dpbusd(acc[i][a1], hi, _mm512_set1_epi32(load_i32(x + 4)));
         }
       }
       #pragma GCC unroll 16

@@ -93,7 +93,7 @@ TB_AVX512 void tile(const Int8Problem& p, int64_t m, int64_t n) {
     for (int t = 0; t < MR; ++t) {
       const __m512i xv = _mm512_loadu_si512(x + t * p.ldq + c);
       #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], wv[r], xv);
+      for (int r = 0; r < NR; ++r) acc[t][r] = dpbusd(acc[t][r], wv[r], xv);
     }
   }
   // An empty asm that "changes" every accumulator: without it GCC 12 lets the reduction's

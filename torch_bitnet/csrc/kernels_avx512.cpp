@@ -95,10 +95,10 @@ TB_AVX512 void gemv_tile(const GemmProblem& p, int64_t m, int64_t n) {
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       const __m512i wv = _mm512_loadu_si512(w + r * p.ldw + 64 * b);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(wv, k0), x0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(wv, k1), x1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(wv, k2), x2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(wv, k3), x3);
+      acc[r][0] = dpbusd(acc[r][0], _mm512_and_si512(wv, k0), x0);
+      acc[r][1] = dpbusd(acc[r][1], _mm512_and_si512(wv, k1), x1);
+      acc[r][2] = dpbusd(acc[r][2], _mm512_and_si512(wv, k2), x2);
+      acc[r][3] = dpbusd(acc[r][3], _mm512_and_si512(wv, k3), x3);
     }
   }
   #pragma GCC unroll 16
@@ -181,7 +181,7 @@ TB_AVX512_INLINE void gemm_plane(__m512i (&acc)[MR][NR], const uint8_t* wb, int6
   for (int t = 0; t < MR; ++t) {
     const __m512i xv = _mm512_loadu_si512(xb + t * ldq + 64 * I);
     #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], c[r], xv);
+    for (int r = 0; r < NR; ++r) acc[t][r] = dpbusd(acc[t][r], c[r], xv);
   }
 }
 
@@ -337,7 +337,7 @@ TB_AVX512 void panel_tile(const GemmProblem& p, const uint8_t* panel, int64_t m,
       std::memcpy(&x4, x + t * p.ldq + 4 * q, 4);
       const __m512i xb = _mm512_set1_epi32(x4);
       #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], wv[v], xb);
+      for (int v = 0; v < NV; ++v) acc[t][v] = dpbusd(acc[t][v], wv[v], xb);
     }
     // An empty asm that "changes" every accumulator, here and after the loop (as in
     // int8_avx512.cpp): without both, GCC 12 may copy all accumulators between registers

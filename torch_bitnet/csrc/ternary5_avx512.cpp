@@ -67,11 +67,11 @@ TB_VBMI void gemv5_tile(const GemmProblem& p, int64_t n) {
     for (int r = 0; r < NR; ++r) {
       __m512i u4;
       const __m512i lo = decode(t, _mm512_loadu_si512(w + r * p.ldw + 64 * b), &u4);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(lo, k0), _mm512_loadu_si512(xb));
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(lo, k1), _mm512_loadu_si512(xb + 64));
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(lo, k2), _mm512_loadu_si512(xb + 128));
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(lo, k3), _mm512_loadu_si512(xb + 192));
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], u4, _mm512_loadu_si512(xb + 256));
+      acc[r][0] = dpbusd(acc[r][0], _mm512_and_si512(lo, k0), _mm512_loadu_si512(xb));
+      acc[r][1] = dpbusd(acc[r][1], _mm512_and_si512(lo, k1), _mm512_loadu_si512(xb + 64));
+      acc[r][2] = dpbusd(acc[r][2], _mm512_and_si512(lo, k2), _mm512_loadu_si512(xb + 128));
+      acc[r][3] = dpbusd(acc[r][3], _mm512_and_si512(lo, k3), _mm512_loadu_si512(xb + 192));
+      acc[r][0] = dpbusd(acc[r][0], u4, _mm512_loadu_si512(xb + 256));
     }
   }
   #pragma GCC unroll 16

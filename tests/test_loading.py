@@ -15,6 +15,8 @@ flips and up to ~7e-3 with them, top-1 tokens always equal. The tests require re
 from __future__ import annotations
 
 import json
+import struct
+import warnings
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from transformers import AutoModelForCausalLM
 import torch_bitnet
 from torch_bitnet import BitLinear
 from torch_bitnet.checkpoints import SMALL_CONFIGS, small_config, write_checkpoint
-from torch_bitnet.loading import PACKED_FILE
+from torch_bitnet.loading import ALIGNMENT, PACKED_FILE, packed_file_aligned
 
 MODES = ("offline", "online", "bitlinear")
 
@@ -139,6 +141,59 @@ def test_save_then_load_round_trips_exactly(checkpoints, tmp_path, mode):
     again = torch_bitnet.from_pretrained(saved, dtype=torch.float32)
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2), k1
+    ids = _prompts(model.config.vocab_size)[1]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def _kernel_inputs(model) -> list[torch.Tensor]:
+    """The uint8 buffers the kernels stream: packed ternary weights, int8 / int4 tables."""
+    return [b for b in model.buffers() if b.dtype == torch.uint8]
+
+
+@pytest.mark.parametrize("lm_head,ternary_format", [("int8", "2bit"), ("int4", "5trit")])
+def test_saved_weights_are_64_byte_aligned(checkpoints, tmp_path, lm_head, ternary_format):
+    """save_pretrained's file puts the data and every uint8 tensor at a multiple of 64 bytes, so
+    the memory-mapped weights the kernels stream start on cache lines; safetensors' own reader
+    reads the file back exactly, and loading it warns about nothing."""
+    from safetensors.torch import load_file
+
+    model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head=lm_head,
+                                         ternary_format=ternary_format)
+    saved = torch_bitnet.save_pretrained(model, tmp_path / "saved")
+    raw = (saved / PACKED_FILE).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    start = 8 + length
+    assert start % ALIGNMENT == 0
+    packed = {k: v for k, v in header.items() if k != "__metadata__" and v["dtype"] == "U8"}
+    assert len(packed) == len(_kernel_inputs(model))
+    assert all((start + v["data_offsets"][0]) % ALIGNMENT == 0 for v in packed.values()), packed
+    assert packed_file_aligned(saved)
+    state = model.state_dict()
+    read = load_file(saved / PACKED_FILE)
+    assert read.keys() <= state.keys() and all(torch.equal(t, state[k]) for k, t in read.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = torch_bitnet.from_pretrained(saved, dtype=torch.float32, lm_head=lm_head)
+    assert all(b.data_ptr() % ALIGNMENT == 0 for b in _kernel_inputs(again))
+
+
+def test_unaligned_checkpoint_loads_with_a_warning(checkpoints, tmp_path):
+    """A file written the old way (safetensors' save_file: tensors ordered by dtype, header padded
+    to 8 bytes) still loads, to the same model, with a warning that says how to align it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head="int8")
+    saved = torch_bitnet.save_pretrained(model, tmp_path / "saved")
+    with safe_open(str(saved / PACKED_FILE), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(saved / PACKED_FILE), saved / PACKED_FILE, metadata=metadata)
+    assert not packed_file_aligned(saved)
+    with pytest.warns(UserWarning, match="not multiples of 64 bytes.*save_pretrained"):
+        again = torch_bitnet.from_pretrained(saved, dtype=torch.float32, lm_head="int8")
+    assert any(b.data_ptr() % ALIGNMENT for b in _kernel_inputs(again))  # the case this test is about
     ids = _prompts(model.config.vocab_size)[1]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
@@ -52,6 +53,15 @@ PACKED_FILE = "torch_bitnet.safetensors"
 #: config.json entry that marks torch_bitnet's layout
 FORMAT_KEY = "torch_bitnet"
 FORMAT_VERSION = 1
+#: Byte alignment of the packed weights and tables in our safetensors file (one cache line, one
+#: AVX-512 vector): a kernel load from an unaligned row touches two cache lines.
+ALIGNMENT = 64
+# safetensors' dtype names of the dtypes a patched model stores.
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.bool: "BOOL",
+}
 #: BitLinear layers of every decoder layer of BitNetForCausalLM
 LINEARS = (
     "self_attn.q_proj",
@@ -395,11 +405,76 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
+    if ours:
+        _warn_unaligned(model, path / PACKED_FILE)
     if ternary_format is not None:
         set_ternary_format(model, ternary_format)
     if fuse:
         fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as a safetensors file whose data starts and whose tensors of a multiple
+    of ALIGNMENT bytes all lie at multiples of ALIGNMENT in the file, so in the memory map.
+
+    safetensors' own ``save_file`` orders tensors by dtype and pads the header to 8 bytes only,
+    which leaves the packed weights at arbitrary offsets mod 64. The format allows any order
+    but no gaps, so those tensors go first (packed weights and tables always are: their
+    rows are padded to multiples of 64 bytes), the others after them, and the JSON header is padded
+    with spaces (which the format permits) to end at a multiple of ALIGNMENT.
+    """
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"torch_bitnet: cannot store tensor {name!r} of dtype {t.dtype} in safetensors")
+    names = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGNMENT != 0, n))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            # bytes of the tensor in memory order (bfloat16 has no numpy dtype: go through uint8)
+            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def packed_file_aligned(path: str | Path) -> bool:
+    """Whether ``path``'s torch_bitnet.safetensors (save_pretrained's file) exists and has every
+    uint8 tensor at a multiple of ALIGNMENT bytes; reads only the header."""
+    file = Path(path) / PACKED_FILE
+    if not file.is_file():
+        return False
+    with open(file, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    return all(
+        (8 + length + entry["data_offsets"][0]) % ALIGNMENT == 0
+        for name, entry in header.items()
+        if name != "__metadata__" and entry["dtype"] == "U8"
+    )
+
+
+def _warn_unaligned(model: torch.nn.Module, file: Path) -> None:
+    """Warn once if the packed weights or tables mapped from ``file`` are not ALIGNMENT-aligned
+    (files written before torch_bitnet aligned them): correct, but slower to read."""
+    kernel_inputs = [
+        t for m in model.modules() if isinstance(m, (BitLinear, *(c for pair in _QUANTIZED_HEADS.values() for c in pair)))
+        for name, t in m.named_buffers(recurse=False) if t.dtype == torch.uint8
+    ]
+    if any(t.data_ptr() % ALIGNMENT for t in kernel_inputs):
+        warnings.warn(
+            f"torch_bitnet: {file} stores its packed weights at offsets that are not multiples of {ALIGNMENT} "
+            "bytes (it was written by an older torch_bitnet), so every vector load of them spans two cache "
+            "lines: decode is ~10% slower. Save the model again with torch_bitnet.save_pretrained "
+            "(or `torch-bitnet convert`) to align them.",
+            stacklevel=3,
+        )
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:
@@ -442,7 +517,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         state.pop("lm_head.weight_scale", None)
-    save_file(state, str(path / PACKED_FILE), metadata={"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
+    _save_aligned(state, path / PACKED_FILE, {"format": "pt", FORMAT_KEY: str(FORMAT_VERSION)})
     raw = model.config.to_dict()
     raw[FORMAT_KEY] = {
         "format_version": FORMAT_VERSION, "weights": PACKED_FILE, "lm_head": head, "ternary_format": formats[0]

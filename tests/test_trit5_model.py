@@ -89,8 +89,24 @@ def test_set_ternary_format_round_trips_and_recompiles(checkpoints):
         set_ternary_format(model, "2bit")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit"):
+    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit or auto"):
         set_ternary_format(model, "3bit")
+
+
+def test_auto_format_follows_the_kernel_path(checkpoints):
+    """"auto" is 5trit exactly on the path with the 5-trit decode kernel (avx512vbmi), 2bit on the
+    others; from_pretrained and set_ternary_format pack to it; named formats pass through."""
+    assert torch_bitnet.resolve_ternary_format("2bit") == "2bit"
+    assert torch_bitnet.resolve_ternary_format("5trit") == "5trit"
+    for isa in torch_bitnet.available_isas():
+        with torch_bitnet.use_isa(isa):
+            expected = "5trit" if isa == "avx512vbmi" else "2bit"
+            assert torch_bitnet.resolve_ternary_format() == torch_bitnet.resolve_ternary_format("auto") == expected
+            model = torch_bitnet.from_pretrained(checkpoints["offline"], dtype=torch.float32, ternary_format="auto")
+            assert _formats(model) == {expected}
+            assert _formats(set_ternary_format(set_ternary_format(model, "2bit"), "auto")) == {expected}
+    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit or auto, got '3bit'"):
+        torch_bitnet.resolve_ternary_format("3bit")
 
 
 def test_format_errors(checkpoints, tmp_path):

@@ -3,7 +3,7 @@
     torch-bitnet bench                          # random weights, shape of bitnet-b1.58-2B-4T
     torch-bitnet bench --threads 1,2 --plot threads.png --json out.json
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
-    torch-bitnet bench --ternary-format 5trit     # weights packed 5 per byte (1.6 bits)
+    torch-bitnet bench --ternary-format 2bit      # weights packed 2 bits each (default: auto)
 
 Each configuration (one per thread count) runs twice, each time in a fresh child process, so
 each peak RSS is its own process's. A run: the RSS of the runtime alone (Python, torch,
@@ -412,9 +412,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8",
                         help="embedding / lm_head table: int8 per row (default), int4 in groups of 32, or bf16 as "
                         "stored (exact)")
-    parser.add_argument("--ternary-format", choices=("2bit", "5trit"),
-                        help="how BitLinear weights are packed: 2bit, or 5trit (1.6 bits per weight; fast decode "
-                        "needs AVX-512 VBMI) (default: 2bit, or as --model stores them)")
+    parser.add_argument("--ternary-format", choices=("auto", "2bit", "5trit"),
+                        help="how BitLinear weights are packed: 2bit, 5trit (1.6 bits per weight; fast decode "
+                        "needs AVX-512 VBMI) or auto, the faster here (5trit on the avx512vbmi path, else 2bit) "
+                        "(default: auto, or as --model stores them)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",
                         help="also run transformers' own BitNet path on the same weights (slow: few decode tokens)")
@@ -430,13 +431,17 @@ def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by parsed ``args``; prints the table, returns the results."""
     import torch
 
+    from .nn import resolve_ternary_format
+
+    if args.ternary_format is not None:  # the children load the concrete format, named in the results
+        args.ternary_format = resolve_ternary_format(args.ternary_format)
     if args.model is not None:
         if not (args.model / "config.json").is_file():
             raise FileNotFoundError(f"{args.model}: no config.json (not a checkpoint directory)")
         ours, theirs = args.model, (args.model if args.transformers else None)
     else:
         ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers,
-                                          ternary_format=args.ternary_format or "2bit")
+                                          ternary_format=args.ternary_format or resolve_ternary_format())
     results: dict[str, list[dict]] = {"torch_bitnet": []}
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:

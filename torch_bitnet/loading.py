@@ -40,7 +40,7 @@ from .nn import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
-    check_ternary_format,
+    resolve_ternary_format,
     set_ternary_format,
 )
 from .packing import FORMATS, from_hf_packed, packed_shape, ternarize
@@ -289,8 +289,9 @@ def from_pretrained(
         fuse: run each decoder layer as four fused ops (norms, activation quantization and
             the relu2 gating inside them; :func:`torch_bitnet.fuse_layers`). ``False`` keeps
             transformers' own layer forward over the same modules.
-        ternary_format: how BitLinear weights are packed, ``"2bit"`` or ``"5trit"``
-            (:func:`torch_bitnet.set_ternary_format` says which is faster where). Default: as a
+        ternary_format: how BitLinear weights are packed, ``"2bit"``, ``"5trit"`` or ``"auto"``
+            (the faster on this CPU, :func:`torch_bitnet.resolve_ternary_format`;
+            :func:`torch_bitnet.set_ternary_format` says which is faster where). Default: as a
             torch_bitnet checkpoint stores them, else ``"2bit"``. Asking a torch_bitnet
             checkpoint for the other format repacks every weight after loading, and the stored
             weights' pages stay resident until the model is freed (2B-4T, 2-bit checkpoint
@@ -316,7 +317,7 @@ def from_pretrained(
     if lm_head not in LM_HEADS:
         raise ValueError(f"torch_bitnet: lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
     if ternary_format is not None:
-        check_ternary_format(ternary_format)
+        ternary_format = resolve_ternary_format(ternary_format)
     path = resolve_model_path(path_or_id, revision)
     raw = _read_config(path)
     ours = FORMAT_KEY in raw
@@ -471,8 +472,8 @@ def _warn_unaligned(model: torch.nn.Module, file: Path) -> None:
         warnings.warn(
             f"torch_bitnet: {file} stores its packed weights at offsets that are not multiples of {ALIGNMENT} "
             "bytes (it was written by an older torch_bitnet), so every vector load of them spans two cache "
-            "lines: decode is ~10% slower. Save the model again with torch_bitnet.save_pretrained "
-            "(or `torch-bitnet convert`) to align them.",
+            "lines: decode is slower. Save the model again with torch_bitnet.save_pretrained (or "
+            "torch_bitnet.convert_checkpoint) to align them.",
             stacklevel=3,
         )
 
@@ -545,7 +546,8 @@ def convert_checkpoint(
     copying the tokenizer files along. ``lm_head="int8"`` (or ``"int4"``) stores the embedding /
     lm_head quantized (loads faster, half (int4: 28%) the bytes of bf16; it can then only be loaded
     in that form); the default ``"bf16"`` keeps the float table, from which any form can be loaded.
-    ``ternary_format``: how the BitLinear weights are stored (``"2bit"`` or ``"5trit"``)."""
+    ``ternary_format``: how the BitLinear weights are stored (``"2bit"``, ``"5trit"``, or ``"auto"``:
+    the one that decodes faster on the machine converting, :func:`torch_bitnet.resolve_ternary_format`)."""
     src_path = resolve_model_path(src)
     model = from_pretrained(src_path, dtype=dtype, progress=progress, lm_head=lm_head, ternary_format=ternary_format)
     dst_path = save_pretrained(model, dst)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .isa import get_isa
 from .int4 import check_int4_sizes, dequantize_int4_rows, int4_shapes, quantize_int4_rows
 from .int8 import check_int8_sizes, dequantize_int8_rows, int8_shape, quantize_int8_rows
 from .packing import (
@@ -31,7 +32,10 @@ from .packing import (
     unpack_ternary,
 )
 
-__all__ = ["BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear", "set_ternary_format"]
+__all__ = [
+    "BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear", "resolve_ternary_format",
+    "set_ternary_format",
+]
 
 
 class BitLinear(nn.Module):
@@ -142,27 +146,40 @@ class BitLinear(nn.Module):
         return unpack_ternary(self.weight, self.in_features)
 
 
-def check_ternary_format(ternary_format: str) -> None:
-    """Raise ValueError unless ``ternary_format`` names a packed format (``"2bit"``, ``"5trit"``)."""
-    if ternary_format not in FORMATS:
-        raise ValueError(f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)}, got {ternary_format!r}")
+def resolve_ternary_format(ternary_format: str = "auto") -> str:
+    """The packed format ``ternary_format`` stands for: itself, or for ``"auto"`` the one that
+    decodes faster on the kernel path in use now: ``"5trit"`` on ``avx512vbmi`` (the path with
+    the 5-trit decode kernel), else ``"2bit"`` (other paths unpack 5-trit weights on every
+    call). Measured at the 2B-4T shape on a 2-core Zen 4 (BENCHMARKS.md), 5-trit decodes 3.4 ms
+    per token faster at 2 threads and 1.6 ms at 1, and needs 104 MB less memory.
+
+    Raises:
+        ValueError: ``ternary_format`` is none of ``"2bit"``, ``"5trit"``, ``"auto"``.
+    """
+    if ternary_format not in (*FORMATS, "auto"):
+        raise ValueError(
+            f"torch_bitnet: ternary_format must be one of {', '.join(FORMATS)} or auto, got {ternary_format!r}"
+        )
+    if ternary_format != "auto":
+        return ternary_format
+    return "5trit" if get_isa() == "avx512vbmi" else "2bit"
 
 
 def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     """Repack every :class:`BitLinear` of ``model`` into ``ternary_format``, in place; returns it.
 
     ``"2bit"``: 2 bits per weight, the default. ``"5trit"``: 1.6 bits per weight, 20% fewer
-    bytes for the ternary weights (about 100 MB less memory at the 2B-4T shape). Its decode
-    kernel needs AVX-512 VBMI (the ``avx512vbmi`` path) and multiplies ~78 G weights/s per core
-    (2-bit: ~108 G), so it decodes faster only where one core reads less than ~20 GB/s;
-    on this project's 2-core Zen 4 both formats decode at the same speed (BENCHMARKS.md). The
-    other paths unpack 5-trit weights to 2 bits on every call: correct, but slow in decode.
-    Prefill runs the 2-bit kernels on unpacked rows in both cases.
+    bytes for the ternary weights (104 MB less memory at the 2B-4T shape). Its decode kernel
+    needs AVX-512 VBMI (the ``avx512vbmi`` path); there, at the 2B-4T shape on this project's
+    2-core Zen 4, it decodes faster than 2-bit at 1 and 2 threads (BENCHMARKS.md, "5-trit
+    weights"). The other paths unpack 5-trit weights to 2 bits on every call: correct, but slow
+    in decode. Prefill runs the 2-bit kernels on unpacked rows in both cases. ``"auto"``: the
+    faster of the two on the current path (:func:`resolve_ternary_format`).
 
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
     compile after it (a model compiled before is recompiled, as its weights changed shape).
     """
-    check_ternary_format(ternary_format)
+    ternary_format = resolve_ternary_format(ternary_format)
     for module in model.modules():
         if isinstance(module, BitLinear) and module.ternary_format != ternary_format:
             module.weight = repack(module.weight, module.in_features, ternary_format)

@@ -4,11 +4,16 @@
     python benchmarks/bench_decode_ab.py                    # 2-bit vs 5-trit weights, 2 threads
     python benchmarks/bench_decode_ab.py --threads 1 --blocks 24 --lm-head int4
     python benchmarks/bench_decode_ab.py --compare step     # ahead-of-time vs lazily compiled step
+    python benchmarks/bench_decode_ab.py --compare alignment --ternary-format 5trit --threads 1
 
 ``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
 one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
 (``generate``'s) and the lazily compiled one (``DecodeSession(ahead_of_time=False)``: dynamo's
-guarded call, its guard evaluation skipped after the first step of a block).
+guarded call, its guard evaluation skipped after the first step of a block). ``--compare
+alignment``: one model (``--ternary-format``) loaded from its checkpoint, whose packed weights
+``save_pretrained`` puts at 64-byte offsets, and from a copy written with safetensors'
+``save_file`` (tensors at 8-byte offsets, as torch_bitnet wrote them before; made once, next
+to the checkpoint).
 
 Separate processes on this shared machine are not comparable: the read bandwidth one process
 gets moves by a third between runs minutes apart (``torch-bitnet bench`` prints it). So both
@@ -25,20 +30,25 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 import torch_bitnet as tb
 from torch_bitnet.bench import cpu_model, default_workdir, prepare_checkpoint
+from torch_bitnet.loading import PACKED_FILE
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", choices=("formats", "step"), default="formats", help="what differs (default formats)")
-    p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit", help="weights for --compare step")
+    p.add_argument("--compare", choices=("formats", "step", "alignment"), default="formats",
+                   help="what differs (default formats)")
+    p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit",
+                   help="weights for --compare step / alignment")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
@@ -46,6 +56,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8", help="table form (default int8)")
     p.add_argument("--workdir", type=Path, default=default_workdir(), help="where the checkpoints are written once")
     return p.parse_args()
+
+
+def unaligned_copy(path: Path) -> Path:
+    """``path`` with its packed file rewritten by safetensors' save_file (once), beside it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy = path.with_name(f"{path.name}-unaligned")
+    if not (copy / PACKED_FILE).is_file():
+        shutil.copytree(path, copy, ignore=shutil.ignore_patterns(PACKED_FILE), dirs_exist_ok=True)
+        with safe_open(str(path / PACKED_FILE), framework="pt") as f:
+            metadata = f.metadata()
+        save_file(load_file(path / PACKED_FILE), copy / PACKED_FILE, metadata=metadata)
+    return copy
 
 
 def main() -> None:
@@ -59,6 +83,13 @@ def main() -> None:
             path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=fmt)
             model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
             runs[fmt] = {"model": model, "session": gen.prepare(model, max_len)}
+    elif args.compare == "alignment":
+        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
+        for name, where in (("unaligned", unaligned_copy(path)), ("aligned", path)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the unaligned copy's load warns, as it should
+                model = tb.from_pretrained(where, lm_head=args.lm_head, progress=False)
+            runs[name] = {"model": model, "session": gen.prepare(model, max_len)}
     else:
         path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
         model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
@@ -91,7 +122,7 @@ def main() -> None:
           f"{datetime.date.today().isoformat()} | lm_head {args.lm_head} | context {args.context}")
     for name in names:
         ms = runs[name]["ms"]
-        print(f"{name:6s} median {statistics.median(ms):6.2f} ms/token ({1e3 / statistics.median(ms):5.1f} tok/s)  "
+        print(f"{name:9s} median {statistics.median(ms):6.2f} ms/token ({1e3 / statistics.median(ms):5.1f} tok/s)  "
               f"blocks: {' '.join(f'{x:.1f}' for x in ms)}")
     print(f"{names[1]} - {names[0]}: median {statistics.median(diff):+.2f} ms/token, {names[1]} faster in "
           f"{sum(d < 0 for d in diff)}/{len(diff)} block pairs")

@@ -384,7 +384,10 @@ def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(header, fontsize=8)
+    # The header is one long " | "-joined line: split it in two so the figure does not clip it.
+    parts = header.split(" | ")
+    half = (len(parts) + 1) // 2
+    fig.suptitle(" | ".join(parts[:half]) + "\n" + " | ".join(parts[half:]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -179,6 +179,13 @@ def test_saved_weights_are_64_byte_aligned(checkpoints, tmp_path, lm_head, terna
     assert all(b.data_ptr() % ALIGNMENT == 0 for b in _kernel_inputs(again))
 
 
+def test_aligned_writer_rejects_dtypes_safetensors_cannot_name(tmp_path):
+    from torch_bitnet.loading import _save_aligned
+
+    with pytest.raises(TypeError, match="cannot store tensor 'z' of dtype torch.complex64"):
+        _save_aligned({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.safetensors", {})
+
+
 def test_unaligned_checkpoint_loads_with_a_warning(checkpoints, tmp_path):
     """A file written the old way (safetensors' save_file: tensors ordered by dtype, header padded
     to 8 bytes) still loads, to the same model, with a warning that says how to align it."""

@@ -421,8 +421,8 @@ def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[s
 
     safetensors' own ``save_file`` orders tensors by dtype and pads the header to 8 bytes only,
     which leaves the packed weights at arbitrary offsets mod 64. The format allows any order
-    but no gaps, so those tensors go first (packed weights and tables always are: their
-    rows are padded to multiples of 64 bytes), the others after them, and the JSON header is padded
+    but no gaps, so those tensors go first (packed weights and tables always are: their rows
+    are padded to multiples of 64 bytes), the others after them, and the JSON header is padded
     with spaces (which the format permits) to end at a multiple of ALIGNMENT.
     """
     for name, t in tensors.items():
@@ -433,7 +433,9 @@ def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[s
     offset = 0
     for name in names:
         t = tensors[name]
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
@@ -462,11 +464,12 @@ def packed_file_aligned(path: str | Path) -> bool:
 
 
 def _warn_unaligned(model: torch.nn.Module, file: Path) -> None:
-    """Warn once if the packed weights or tables mapped from ``file`` are not ALIGNMENT-aligned
+    """One warning if the packed weights or tables mapped from ``file`` are not ALIGNMENT-aligned
     (files written before torch_bitnet aligned them): correct, but slower to read."""
+    holders = (BitLinear, *(cls for pair in _QUANTIZED_HEADS.values() for cls in pair))
     kernel_inputs = [
-        t for m in model.modules() if isinstance(m, (BitLinear, *(c for pair in _QUANTIZED_HEADS.values() for c in pair)))
-        for name, t in m.named_buffers(recurse=False) if t.dtype == torch.uint8
+        t for m in model.modules() if isinstance(m, holders)
+        for t in m.buffers(recurse=False) if t.dtype == torch.uint8
     ]
     if any(t.data_ptr() % ALIGNMENT for t in kernel_inputs):
         warnings.warn(

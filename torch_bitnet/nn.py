@@ -33,7 +33,12 @@ from .packing import (
 )
 
 __all__ = [
-    "BitLinear", "Int8Embedding", "Int8Linear", "Int4Embedding", "Int4Linear", "resolve_ternary_format",
+    "BitLinear",
+    "Int8Embedding",
+    "Int8Linear",
+    "Int4Embedding",
+    "Int4Linear",
+    "resolve_ternary_format",
     "set_ternary_format",
 ]
 
@@ -174,9 +179,9 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     bytes for the ternary weights (104 MB less memory at the 2B-4T shape). Its decode kernel
     needs AVX-512 VBMI (the ``avx512vbmi`` path); there, at the 2B-4T shape on this project's
     2-core Zen 4, it decodes as fast as 2-bit or faster at 1 and 2 threads (BENCHMARKS.md,
-    "5-trit weights"). The other paths unpack 5-trit weights to 2 bits on every call: correct, but slow
-    in decode. Prefill runs the 2-bit kernels on unpacked rows in both cases. ``"auto"``: the
-    faster of the two on the current path (:func:`resolve_ternary_format`).
+    "5-trit weights"). The other paths unpack 5-trit weights to 2 bits on every call: correct,
+    but slow in decode. Prefill runs the 2-bit kernels on unpacked rows in both cases.
+    ``"auto"``: the faster of the two on the current path (:func:`resolve_ternary_format`).
 
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
     compile after it (a model compiled before is recompiled, as its weights changed shape).

@@ -23,9 +23,9 @@ namespace tbn {
 // _mm512_dpbusd_epi32 on arrays of accumulators into a register copy, the update and a copy
 // back, plus a stack store per update in the 4-row decode tiles. The asm ties the accumulator
 // to one register and updates it in place, as the instruction does. Measured on one core with
-// an L2-resident weight (1024 x 2560, /tmp harness and ternary_mm): 2-bit decode 95-100 ->
-// 111-114 G weights/s, 5-trit 77-80 -> 83-84; prefill and the lm_head GEMVs unchanged. GCC and
-// Clang accept this syntax (AT&T operand order: x, u, acc).
+// an L2-resident weight (benchmarks/bench_trit5.py, "hot"): 2-bit decode 95-100 -> 111-114 G
+// weights/s, 5-trit 77-80 -> 83-84; prefill and the lm_head GEMVs unchanged. GCC and Clang
+// accept this syntax (AT&T operand order: x, u, acc).
 TB_AVX512_INLINE __m512i dpbusd(__m512i acc, __m512i u, __m512i x) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(x));
   return acc;

@@ -39,15 +39,8 @@ from .isa import available_isas, get_isa, set_isa, use_isa
 from .loading import convert_checkpoint, from_pretrained, save_pretrained
 from .int4 import dequantize_int4_rows, quantize_int4_rows
 from .int8 import dequantize_int8_rows, quantize_int8_rows
-from .nn import (
-    BitLinear,
-    Int4Embedding,
-    Int4Linear,
-    Int8Embedding,
-    Int8Linear,
-    resolve_ternary_format,
-    set_ternary_format,
-)
+from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from .nn import resolve_ternary_format, set_ternary_format
 from .ops import (
     bitlinear,
     bitlinear_relu2_glu,

@@ -179,6 +179,28 @@ def test_saved_weights_are_64_byte_aligned(checkpoints, tmp_path, lm_head, terna
     assert all(b.data_ptr() % ALIGNMENT == 0 for b in _kernel_inputs(again))
 
 
+def test_save_over_the_checkpoint_the_model_was_loaded_from(checkpoints, tmp_path):
+    """The model's weights are memory-mapped from the file save_pretrained replaces: the new
+    file is written beside it and renamed, so the weights read while writing stay intact (the
+    way to align an old file, as the warning says)."""
+    from safetensors.torch import save_file
+
+    model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head="int8")
+    first = torch_bitnet.save_pretrained(model, tmp_path / "saved")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+               and k != "lm_head.weight_scale"}, first / PACKED_FILE, metadata={"format": "pt", "torch_bitnet": "1"})
+    with pytest.warns(UserWarning, match="not multiples of 64 bytes"):
+        mapped = torch_bitnet.from_pretrained(first, dtype=torch.float32, lm_head="int8")
+    torch_bitnet.save_pretrained(mapped, first)
+    assert packed_file_aligned(first)
+    again = torch_bitnet.from_pretrained(first, dtype=torch.float32, lm_head="int8")
+    ids = _prompts(model.config.vocab_size)[1]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+        assert torch.equal(model(ids).logits, mapped(ids).logits)
+    assert not list(first.glob(".*.tmp"))
+
+
 def test_aligned_writer_rejects_dtypes_safetensors_cannot_name(tmp_path):
     from torch_bitnet.loading import _save_aligned
 

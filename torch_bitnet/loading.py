@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import struct
 import warnings
@@ -439,12 +440,17 @@ def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[s
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
-    with open(file, "wb") as f:
+    # Written beside the file, then renamed over it: the tensors may be memory-mapped from the
+    # file being replaced (a model saved where it was loaded from), and truncating that file
+    # while reading them would lose their bytes. The rename leaves the old mapping intact.
+    tmp = file.with_name(f".{file.name}.tmp")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
             # bytes of the tensor in memory order (bfloat16 has no numpy dtype: go through uint8)
             f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+    os.replace(tmp, file)
 
 
 def packed_file_aligned(path: str | Path) -> bool:

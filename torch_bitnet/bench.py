@@ -94,9 +94,12 @@ def prepare_checkpoint(
     from .checkpoints import bitnet_config, write_checkpoint
     from .loading import convert_checkpoint, packed_file_aligned
 
+    def missing(directory: Path) -> bool:
+        """No conversion there yet, or one from before 64-byte aligned weights (slower to read)."""
+        return not (directory / "config.json").is_file() or not packed_file_aligned(directory)
+
     hf_dir, ours_dir = workdir / "2b4t-offline", workdir / "2b4t-torch_bitnet"
-    # A conversion is redone if its file predates 64-byte aligned weights (slower to read).
-    if not (ours_dir / "config.json").is_file() or not packed_file_aligned(ours_dir):
+    if missing(ours_dir):
         if not (hf_dir / "config.json").is_file():
             print(f"writing a random 2B-4T-shaped checkpoint to {hf_dir} (once)", file=sys.stderr)
             write_checkpoint(hf_dir, bitnet_config(), mode="offline", seed=0, progress=True)
@@ -104,13 +107,13 @@ def prepare_checkpoint(
         convert_checkpoint(hf_dir, ours_dir, dtype=torch.bfloat16, progress=True)
     if lm_head != "bf16":  # stored quantized: loads without quantizing the 657 MB table
         quantized_dir = workdir / f"2b4t-torch_bitnet-{lm_head}"
-        if not (quantized_dir / "config.json").is_file() or not packed_file_aligned(quantized_dir):
+        if missing(quantized_dir):
             print(f"storing its {lm_head} embedding / lm_head in {quantized_dir} (once)", file=sys.stderr)
             convert_checkpoint(ours_dir, quantized_dir, dtype=torch.bfloat16, progress=True, lm_head=lm_head)
         ours_dir = quantized_dir
     if ternary_format != "2bit":
         packed_dir = ours_dir.with_name(f"{ours_dir.name}-{ternary_format}")
-        if not (packed_dir / "config.json").is_file() or not packed_file_aligned(packed_dir):
+        if missing(packed_dir):
             print(f"storing its weights {ternary_format} in {packed_dir} (once)", file=sys.stderr)
             convert_checkpoint(ours_dir, packed_dir, dtype=torch.bfloat16, progress=True, lm_head=lm_head,
                                ternary_format=ternary_format)

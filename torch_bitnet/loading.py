@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -407,8 +408,14 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
-    if ours:
-        _warn_unaligned(model, path / PACKED_FILE)
+    if ours and not packed_file_aligned(path):
+        warnings.warn(
+            f"torch_bitnet: {path / PACKED_FILE} stores its packed weights at offsets that are not multiples of "
+            f"{ALIGNMENT} bytes (it was written by an older torch_bitnet), so every vector load of them spans two "
+            "cache lines: decode is slower. Save the model again with torch_bitnet.save_pretrained (or "
+            "torch_bitnet.convert_checkpoint) to align them.",
+            stacklevel=2,
+        )
     if ternary_format is not None:
         set_ternary_format(model, ternary_format)
     if fuse:
@@ -440,17 +447,22 @@ def _save_aligned(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[s
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
-    # Written beside the file, then renamed over it: the tensors may be memory-mapped from the
-    # file being replaced (a model saved where it was loaded from), and truncating that file
-    # while reading them would lose their bytes. The rename leaves the old mapping intact.
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            # bytes of the tensor in memory order (bfloat16 has no numpy dtype: go through uint8)
-            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
-    os.replace(tmp, file)
+    # Written to a temporary file beside it, then renamed over it: the tensors may be
+    # memory-mapped from the file being replaced (a model saved where it was loaded from), and
+    # truncating that file while reading them would lose their bytes. The rename leaves the old
+    # mapping intact; a failed write leaves the old file and no temporary one.
+    with tempfile.NamedTemporaryFile(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp", delete=False) as f:
+        try:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                # bytes of the tensor in memory order (bfloat16 has no numpy dtype: go through uint8)
+                f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy())
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, file)
 
 
 def packed_file_aligned(path: str | Path) -> bool:
@@ -467,24 +479,6 @@ def packed_file_aligned(path: str | Path) -> bool:
         for name, entry in header.items()
         if name != "__metadata__" and entry["dtype"] == "U8"
     )
-
-
-def _warn_unaligned(model: torch.nn.Module, file: Path) -> None:
-    """One warning if the packed weights or tables mapped from ``file`` are not ALIGNMENT-aligned
-    (files written before torch_bitnet aligned them): correct, but slower to read."""
-    holders = (BitLinear, *(cls for pair in _QUANTIZED_HEADS.values() for cls in pair))
-    kernel_inputs = [
-        t for m in model.modules() if isinstance(m, holders)
-        for t in m.buffers(recurse=False) if t.dtype == torch.uint8
-    ]
-    if any(t.data_ptr() % ALIGNMENT for t in kernel_inputs):
-        warnings.warn(
-            f"torch_bitnet: {file} stores its packed weights at offsets that are not multiples of {ALIGNMENT} "
-            "bytes (it was written by an older torch_bitnet), so every vector load of them spans two cache "
-            "lines: decode is slower. Save the model again with torch_bitnet.save_pretrained (or "
-            "torch_bitnet.convert_checkpoint) to align them.",
-            stacklevel=3,
-        )
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:

@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from . import ops
+from .kv_cache import Int8DynamicLayer, Int8StaticLayer, KVShape
 from .nn import BitLinear
+from .reference import rope
 
 logger = logging.getLogger("torch_bitnet")
 
@@ -74,12 +76,14 @@ def unfusable_reason(layer: nn.Module, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, H, Q, D) with cos/sin (B, Q, D): the rotate-half form."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _int8_layer(cache, layer_idx: int):
+    """The int8 cache layer (:class:`Int8StaticLayer` / :class:`Int8DynamicLayer`) of
+    ``layer_idx`` in a transformers cache, or None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    return layer if isinstance(layer, (Int8StaticLayer, Int8DynamicLayer)) else None
 
 
 class _FusedDecoderLayer:
@@ -102,6 +106,9 @@ class _FusedDecoderLayer:
         attn, mlp = self.self_attn, self.mlp
         q_proj, k_proj, v_proj, o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         norm = self.input_layernorm
+        int8_layer = None if attn.training else _int8_layer(cache, attn.layer_idx)
+        if int8_layer is not None:
+            return self._one_op(hidden_states, attention_mask, position_embeddings, int8_layer)
 
         # Attention: hidden_states (B, Q, hidden) -> q (B, H, Q, D), k / v (B, KVH, Q, D).
         residual = hidden_states
@@ -118,7 +125,7 @@ class _FusedDecoderLayer:
         head_shape = (*input_shape, -1, attn.head_dim)
         q, k, v = (t.view(head_shape).transpose(1, 2) for t in (q, k, v))
         cos, sin = position_embeddings
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -175,6 +182,39 @@ class _FusedDecoderLayer:
             sub_norm.variance_epsilon,
         )
         return residual + out
+
+    def _one_op(self, hidden_states, attention_mask, position_embeddings, int8_layer) -> torch.Tensor:
+        """The whole layer as one ``bitnet::decoder_layer`` call, on an int8 cache layer: the
+        same result as the forward above (the same ops inside, in the same order), with one
+        op call instead of ten op and kernel calls (what a decode step spends most of its time
+        outside the kernels on)."""
+        attn, mlp = self.self_attn, self.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        norms = (self.input_layernorm, attn.attn_sub_norm, self.post_attention_layernorm, mlp.ffn_sub_norm)
+        batch, count = hidden_states.shape[:2]
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        positions = int8_layer.reserve(
+            KVShape(batch, kv_heads, count, attn.head_dim, hidden_states.dtype, hidden_states.device)
+        )
+        cos, sin = (t.expand(batch, count, attn.head_dim) for t in position_embeddings)  # (1 or B, Q, D)
+        return ops.decoder_layer(
+            hidden_states,
+            [p.weight for p in projections],
+            [p.weight_scale for p in projections],
+            [n.weight for n in norms],
+            [n.variance_epsilon for n in norms],
+            cos,
+            sin,
+            int8_layer.keys,
+            int8_layer.key_scales,
+            int8_layer.values,
+            int8_layer.value_scales,
+            positions,
+            attn.scaling,
+            attn.q_proj.out_features // attn.head_dim,
+            mlp.gate_proj.out_features,
+            attention_mask,
+        )
 
 
 def _fused_class(cls: type) -> type:

@@ -45,6 +45,7 @@ __all__ = [
     "FloatStaticLayer",
     "Int8DynamicLayer",
     "Int8KV",
+    "KVShape",
     "Int8StaticLayer",
     "attention",
     "cache_argument",
@@ -95,6 +96,22 @@ class Int8KV(NamedTuple):
     positions: torch.Tensor  # int64 (Q,), cache positions of the tokens just written (= the queries)
 
 
+class KVShape(NamedTuple):
+    """What the int8 layers need to know of the keys / values they will hold: (B, KVH, Q, D)
+    and the model's dtype and device (:meth:`Int8StaticLayer.reserve`)."""
+
+    batch: int
+    heads: int
+    count: int  # Q, the new positions
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, states: torch.Tensor) -> KVShape:
+        return cls(*states.shape, states.dtype, states.device)
+
+
 class _Int8Storage:
     """Buffers shared by the int8 layers: keys/values int8 (B, KVH, L, D), scales float32
     (B, KVH, L). Positions past the written ones are never read, so they are left empty."""
@@ -104,14 +121,12 @@ class _Int8Storage:
     key_scales: torch.Tensor
     value_scales: torch.Tensor
 
-    def _allocate(self, like: torch.Tensor, length: int) -> None:
-        batch, heads, _, head_dim = like.shape
-        device = like.device
-        self.keys = torch.zeros(batch, heads, length, head_dim, dtype=torch.int8, device=device)
+    def _allocate(self, like: KVShape, length: int) -> None:
+        self.keys = torch.zeros(like.batch, like.heads, length, like.head_dim, dtype=torch.int8, device=like.device)
         self.values = torch.zeros_like(self.keys)
-        self.key_scales = torch.zeros(batch, heads, length, dtype=torch.float32, device=device)
+        self.key_scales = torch.zeros(like.batch, like.heads, length, dtype=torch.float32, device=like.device)
         self.value_scales = torch.zeros_like(self.key_scales)
-        self.dtype, self.device = like.dtype, device  # dtype: that of the model's keys
+        self.dtype, self.device = like.dtype, like.device  # dtype: that of the model's keys
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor):
         torch.ops.bitnet.kv_cache_write(
@@ -134,23 +149,31 @@ class Int8StaticLayer(_Int8Storage, StaticLayer):
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._allocate(key_states, self.max_cache_len)
-        self.batch_size, self.num_heads = key_states.shape[:2]
-        self.k_head_dim = self.v_head_dim = key_states.shape[-1]
+        self._initialize(KVShape.of(key_states))
+
+    def _initialize(self, like: KVShape) -> None:
+        self._allocate(like, self.max_cache_len)
+        self.batch_size, self.num_heads = like.batch, like.heads
+        self.k_head_dim = self.v_head_dim = like.head_dim
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():  # as StaticLayer: fixed addresses for the compiled step
             for t in (self.keys, self.values, self.key_scales, self.value_scales, self.cumulative_length):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
+    def reserve(self, like: KVShape) -> torch.Tensor:
+        """Allocate the buffers on first use and take the next ``like.count`` positions; returns
+        them, int64 (Q,), for the caller to write (``update``, or ``bitnet::decoder_layer``)."""
+        if not self.is_initialized:
+            self._initialize(like)
+        positions = torch.arange(like.count, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(like.count)
+        return positions
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Quantize key/value states (B, KVH, Q, D) into the next Q positions; returns
         ``(Int8KV, Int8KV)`` for keys and values."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
-        self.cumulative_length.add_(key_states.shape[-2])
-        return self._write(key_states, value_states, positions)
+        return self._write(key_states, value_states, self.reserve(KVShape.of(key_states)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:  # copies into the same buffers: their addresses stay fixed
@@ -173,23 +196,31 @@ class Int8DynamicLayer(_Int8Storage, DynamicLayer):
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._allocate(key_states, _MIN_CAPACITY)
+        self._initialize(KVShape.of(key_states))
+
+    def _initialize(self, like: KVShape) -> None:
+        self._allocate(like, _MIN_CAPACITY)
         self.is_initialized = True
+
+    def reserve(self, like: KVShape) -> torch.Tensor:
+        """Take the next ``like.count`` positions, allocating or growing the buffers as needed;
+        returns them, int64 (Q,), for the caller to write."""
+        if not self.is_initialized:
+            self._initialize(like)
+        start, count = self.cumulative_length, like.count
+        if start + count > self.keys.shape[2]:
+            capacity = max(_MIN_CAPACITY, 1 << (start + count - 1).bit_length())
+            old = (self.keys, self.values, self.key_scales, self.value_scales)
+            self._allocate(like, capacity)
+            for new, held in zip((self.keys, self.values, self.key_scales, self.value_scales), old):
+                new[:, :, :start] = held[:, :, :start]
+        self.cumulative_length = start + count
+        return torch.arange(start, start + count, device=self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Quantize key/value states (B, KVH, Q, D) into the next Q positions, growing the
         buffers if needed; returns ``(Int8KV, Int8KV)``."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, count = self.cumulative_length, key_states.shape[-2]
-        if start + count > self.keys.shape[2]:
-            capacity = max(_MIN_CAPACITY, 1 << (start + count - 1).bit_length())
-            old = (self.keys, self.values, self.key_scales, self.value_scales)
-            self._allocate(key_states, capacity)
-            for new, held in zip((self.keys, self.values, self.key_scales, self.value_scales), old):
-                new[:, :, :start] = held[:, :, :start]
-        self.cumulative_length = start + count
-        return self._write(key_states, value_states, torch.arange(start, start + count, device=self.device))
+        return self._write(key_states, value_states, self.reserve(KVShape.of(key_states)))
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

@@ -37,6 +37,7 @@ __all__ = [
     "int4_embedding",
     "kv_cache_write",
     "int8_attention",
+    "decoder_layer",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -255,6 +256,62 @@ def _int8_attention_fake(q, k_cache, k_scale, v_cache, v_scale, positions, scale
     if mask is not None:
         _check_mask(mask, q, k_cache)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+_LAYER_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+_LAYER_NORMS = ("input_layernorm", "attn_sub_norm", "post_attention_layernorm", "ffn_sub_norm")
+
+
+def _layer_sizes(x, k_cache, num_heads: int, intermediate_size: int) -> list[tuple[int, int]]:
+    """(in_features, out_features) of decoder_layer's q, k, v, o, gate, up and down weights."""
+    hidden, kv_heads, head_dim = x.shape[-1], k_cache.shape[1], k_cache.shape[3]
+    if num_heads <= 0 or num_heads % kv_heads:
+        raise ValueError(f"bitnet: {num_heads} query heads are not a positive multiple of {kv_heads} kv heads")
+    hd, kvd = num_heads * head_dim, kv_heads * head_dim
+    return [(hidden, hd), (hidden, kvd), (hidden, kvd), (hd, hidden)] + [(hidden, intermediate_size)] * 2 + [
+        (intermediate_size, hidden)
+    ]
+
+
+@torch.library.register_fake("bitnet::decoder_layer")
+def _decoder_layer_fake(
+    x, packed, scales, norms, eps, cos, sin, k_cache, k_scale, v_cache, v_scale, positions, scaling: float,
+    num_heads: int, intermediate_size: int, mask=None,
+) -> torch.Tensor:
+    if len(packed) != 7 or len(scales) != 7:
+        raise ValueError(
+            "bitnet: decoder_layer needs 7 packed weights and 7 scales (q, k, v, o, gate, up, down), got "
+            f"{len(packed)} and {len(scales)}"
+        )
+    if len(norms) != 4 or len(eps) != 4:
+        raise ValueError(
+            "bitnet: decoder_layer needs 4 norm weights and 4 eps (input, attention sub-norm, post-attention, "
+            f"ffn sub-norm), got {len(norms)} and {len(eps)}"
+        )
+    if x.dim() != 3:
+        raise ValueError(f"bitnet: decoder_layer input must be (batch, Q, hidden), got shape {tuple(x.shape)}")
+    _check_float_input(x, x.shape[-1], "decoder_layer input")
+    b, q_len, _ = x.shape
+    head_dim = k_cache.shape[-1] if k_cache.dim() == 4 else 0
+    new_keys = x.new_empty((b, k_cache.shape[1], q_len, head_dim))  # (B, KVH, Q, D), as the op makes them
+    _check_attention_shapes(new_keys, k_cache, k_scale, v_cache, v_scale, positions)
+    sizes = _layer_sizes(x, k_cache, num_heads, intermediate_size)
+    if head_dim % 2:
+        raise ValueError(f"bitnet: head_dim must be even for the rotary embedding, got {head_dim}")
+    for t in (cos, sin):
+        if t.dtype != x.dtype:
+            raise TypeError(f"bitnet: cos / sin must have the input's dtype {x.dtype}, got {t.dtype}")
+        if tuple(t.shape) != (b, q_len, head_dim):
+            raise ValueError(f"bitnet: cos / sin have shape {tuple(t.shape)}, expected {(b, q_len, head_dim)}")
+    for w, s, (k, n) in zip(packed, scales, sizes):
+        check_features(k, n)
+        check_packed(w, k, n)
+        _check_scale(s)
+    for norm, e, k in zip(norms, eps, (sizes[0][0], sizes[3][0], sizes[4][0], sizes[6][0])):
+        _check_norm(norm, e, x, k)
+    if mask is not None:
+        _check_mask(mask, x.new_empty((b, num_heads, q_len, head_dim)), k_cache)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _no_backward(ctx, *grads):
@@ -541,3 +598,52 @@ def int8_attention(
     few tasks for the threads, the positions are split too (flash-decoding).
     """
     return torch.ops.bitnet.int8_attention.default(q, k_cache, k_scale, v_cache, v_scale, positions, scale, mask)
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    eps: list[float],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float,
+    num_heads: int,
+    intermediate_size: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A whole BitNet decoder layer over an int8 KV cache, in one op call.
+
+    Args:
+        x: float32/bfloat16/float16 (batch, Q, hidden), the layer's input.
+        packed, scales: the packed ternary weights and their scales of the q, k, v, o, gate,
+            up and down projections (2-bit or 5-trit, as :func:`bitlinear` takes them).
+        norms, eps: the RMSNorm weights (x's dtype) and epsilons of input_layernorm,
+            attn_sub_norm, post_attention_layernorm and ffn_sub_norm.
+        cos, sin: (batch, Q, head_dim) in x's dtype, the rotary tables of the queries'
+            positions (transformers' ``position_embeddings``).
+        k_cache, k_scale, v_cache, v_scale: the layer's int8 KV cache (as for
+            :func:`kv_cache_write`); the Q new keys and values are written at ``positions``.
+        positions: int64 (Q,), the cache positions of the queries.
+        scaling: the attention softmax scale; num_heads: query heads (a multiple of the
+            cache's kv heads); intermediate_size: the MLP width; mask: as for
+            :func:`int8_attention`.
+
+    Returns:
+        (batch, Q, hidden) in x's dtype: exactly what :mod:`torch_bitnet.fuse`'s layer forward
+        computes with the separate ops (:func:`bitlinear_shared`, the rotary embedding,
+        :func:`kv_cache_write`, :func:`int8_attention`, :func:`bitlinear`,
+        :func:`bitlinear_relu2_glu` and the residual adds, each rounded to x's dtype); see
+        :func:`torch_bitnet.reference.decoder_layer`. One call instead of ten op and kernel
+        calls per layer is what it is for: a decode step spends a few microseconds on each call.
+    """
+    return torch.ops.bitnet.decoder_layer.default(
+        x, packed, scales, norms, eps, cos, sin, k_cache, k_scale, v_cache, v_scale, positions, scaling, num_heads,
+        intermediate_size, mask,
+    )

@@ -25,6 +25,11 @@ __all__ = [
     "int8_embedding",
     "int4_linear",
     "int4_embedding",
+    "kv_quantize",
+    "kv_cache_write",
+    "int8_attention",
+    "rope",
+    "decoder_layer",
 ]
 
 
@@ -349,3 +354,64 @@ def int8_attention(
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows seeing nothing: 0, not NaN
     return (probs @ v).to(q.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, rotate-half form, in x's dtype: x (B, H, Q, D), cos / sin
+    (B, Q, D) -> ``x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin`` (each product and the sum
+    rounded to the dtype, as PyTorch computes it in bf16 / fp16)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    packed: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    eps: list[float],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_cache: torch.Tensor,
+    v_scale: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float,
+    num_heads: int,
+    intermediate_size: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One BitNet b1.58 decoder layer over an int8 KV cache: x (B, Q, hidden) -> (B, Q, hidden)
+    in x's dtype; the Q new keys / values are written to the caches at ``positions`` (Q,).
+
+    ``packed`` / ``scales``: the q, k, v, o, gate, up and down projections; ``norms`` / ``eps``:
+    input_layernorm, attn_sub_norm, post_attention_layernorm, ffn_sub_norm. The KV cache gives
+    the head_dim and the kv heads; ``cos`` / ``sin`` (B, Q, head_dim) are the rotary tables of
+    the queries' positions in x's dtype (transformers' ``position_embeddings``)::
+
+        q, k, v = bitlinear_shared(x, [q, k, v], norm=input_layernorm)   # (B, Q, heads * D)
+        q, k    = rope(q, cos, sin), rope(k, cos, sin)                   # (B, heads, Q, D)
+        kv_cache_write(caches, k, v, positions)
+        h       = x + bitlinear(int8_attention(q, caches, positions, scaling, mask), o,
+                                norm=attn_sub_norm)
+        out     = h + bitlinear(bitlinear_relu2_glu(h, gate, up, norm=post_attention_layernorm),
+                                down, norm=ffn_sub_norm)
+
+    (transformers' ``BitNetDecoderLayer`` with torch_bitnet's ops; every intermediate in x's dtype.)
+    """
+    b, q_len, hidden = x.shape
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    sizes = [num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = bitlinear_shared(x, packed[:3], scales[:3], hidden, sizes, norms[0], eps[0])
+    q, k, v = (t.view(b, q_len, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    kv_cache_write(k_cache, k_scale, v_cache, v_scale, k, v, positions)
+    out = int8_attention(q, k_cache, k_scale, v_cache, v_scale, positions, scaling, mask)
+    out = out.transpose(1, 2).reshape(b, q_len, sizes[0])
+    h = x + bitlinear(out, packed[3], scales[3], None, sizes[0], hidden, norms[1], eps[1])
+    gated = bitlinear_relu2_glu(
+        h, packed[4], scales[4], packed[5], scales[5], hidden, intermediate_size, norms[2], eps[2]
+    )
+    return h + bitlinear(gated, packed[6], scales[6], None, intermediate_size, hidden, norms[3], eps[3])

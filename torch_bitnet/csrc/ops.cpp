@@ -783,6 +783,102 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   return out.to(q.scalar_type());
 }
 
+// ---- one BitNet decoder layer ----
+
+// Rounds float y to dtype dt and back (what storing an intermediate in dt does).
+inline float round_to(DType dt, float y) {
+  if (dt == DType::BF16) return bf16_to_float(float_to_bf16(y));
+  if (dt == DType::F16) return f16_to_float(float_to_f16(y));
+  return y;
+}
+
+// Rotary embedding (rotate-half form) of x (B, Q, heads, D) values of dtype dt, rows of ld_x
+// elements per token, into out (B, heads, Q, D) contiguous, with cos / sin (B, Q, D) of dt:
+// out = x * cos + cat(-x[D/2:], x[:D/2]) * sin, both products and the sum rounded to dt, as
+// eager PyTorch computes it in dt (and inductor with emulate_precision_casts).
+void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t d,
+               at::Tensor& out) {
+  const DType dt = dtype_of(x, "rope input");
+  const int64_t b = x.size(0), q = x.size(1), half = d / 2, ld_x = x.size(2), elem = x.element_size();
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  const char* cp = static_cast<const char*>(cos.data_ptr());
+  const char* sp = static_cast<const char*>(sin.data_ptr());
+  void* op = out.data_ptr();
+  at::parallel_for(0, b * q, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, heads * d)),
+                   [&](int64_t t0, int64_t t1) {
+    const size_t n = static_cast<size_t>(d);
+    std::vector<float> xs(n), cs(n), ss(n);
+    for (int64_t t = t0; t < t1; ++t) {  // token t = (batch, query)
+      const int64_t bi = t / q, qi = t % q;
+      to_float(cp + t * d * elem, dt, d, cs.data());
+      to_float(sp + t * d * elem, dt, d, ss.data());
+      for (int64_t h = 0; h < heads; ++h) {
+        to_float(xp + (t * ld_x + h * d) * elem, dt, d, xs.data());
+        const int64_t dst = ((bi * heads + h) * q + qi) * d;
+        for (int64_t i = 0; i < d; ++i) {
+          const float rotated = i < half ? -xs[size_t(i + half)] : xs[size_t(i - half)];
+          store_float(op, dt, dst + i,
+                      round_to(dt, xs[size_t(i)] * cs[size_t(i)]) + round_to(dt, rotated * ss[size_t(i)]));
+        }
+      }
+    }
+  });
+}
+
+// x (B, Q, hidden) -> the layer's output (B, Q, hidden), writing the Q new keys / values into
+// the int8 cache at `positions`. packed / scales: q, k, v, o, gate, up, down; norms / eps:
+// input_layernorm, attn_sub_norm, post_attention_layernorm, ffn_sub_norm. The steps and their
+// roundings are those of torch_bitnet.fuse's layer forward over the separate ops; one call
+// instead of ten op and kernel calls per layer and token (see reference.decoder_layer).
+at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList scales, at::TensorList norms,
+                             at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
+                             at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_cache, at::Tensor& v_scale,
+                             const at::Tensor& positions, double scaling, int64_t num_heads,
+                             int64_t intermediate_size, const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK_VALUE(packed.size() == 7 && scales.size() == 7, "bitnet: decoder_layer needs 7 packed weights and ",
+                    "7 scales (q, k, v, o, gate, up, down), got ", packed.size(), " and ", scales.size());
+  TORCH_CHECK_VALUE(norms.size() == 4 && eps.size() == 4, "bitnet: decoder_layer needs 4 norm weights and 4 eps ",
+                    "(input, attention sub-norm, post-attention, ffn sub-norm), got ", norms.size(), " and ",
+                    eps.size());
+  check_cpu(x, "decoder_layer input");
+  dtype_of(x, "decoder_layer input");
+  TORCH_CHECK_VALUE(x.dim() == 3, "bitnet: decoder_layer input must be (batch, Q, hidden), got shape ", x.sizes());
+  check_cache(k_cache, k_scale, "key cache");
+  const int64_t b = x.size(0), q = x.size(1), hidden = x.size(2);
+  const int64_t kvh = k_cache.size(1), d = k_cache.size(3);
+  TORCH_CHECK_VALUE(num_heads > 0 && num_heads % kvh == 0, "bitnet: ", num_heads,
+                    " query heads are not a positive multiple of ", kvh, " kv heads");
+  TORCH_CHECK_VALUE(d % 2 == 0, "bitnet: head_dim must be even for the rotary embedding, got ", d);
+  for (const at::Tensor* t : {&cos, &sin}) {
+    check_cpu(*t, "cos / sin");
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "bitnet: cos / sin must have the input's dtype ",
+                     x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == b && t->size(1) == q && t->size(2) == d,
+                      "bitnet: cos / sin have shape ", t->sizes(), ", expected [", b, ", ", q, ", ", d, "]");
+  }
+  const int64_t hd = num_heads * d, kvd = kvh * d;
+  // Attention: q, k, v (B, Q, heads * D) from the normalised input, quantized once.
+  const auto qkv = bitlinear_shared_cpu(x, packed.slice(0, 3), scales.slice(0, 3), hidden, {hd, kvd, kvd}, norms[0],
+                                        eps[0]);
+  auto q_rot = at::empty({b, num_heads, q, d}, x.options());
+  auto k_rot = at::empty({b, kvh, q, d}, x.options());
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  rope_into(qkv[0], cc, sc, num_heads, d, q_rot);
+  rope_into(qkv[1], cc, sc, kvh, d, k_rot);
+  kv_cache_write_cpu(k_cache, k_scale, v_cache, v_scale, k_rot, qkv[2].view({b, q, kvh, d}).transpose(1, 2),
+                     positions);
+  const auto attn = int8_attention_cpu(q_rot, k_cache, k_scale, v_cache, v_scale, positions, scaling, mask);
+  // (B, H, Q, D) -> (B, Q, H * D)
+  const auto o = bitlinear_cpu(attn.transpose(1, 2).reshape({b, q, hd}), packed[3], scales[3], std::nullopt, hd,
+                               hidden, norms[1], eps[1]);
+  const auto h = at::add(x, o);
+  // MLP: down(ffn_sub_norm(relu(gate(n))^2 * up(n))), n = post_attention_layernorm(h).
+  const auto gated = bitlinear_relu2_glu_cpu(h, packed[4], scales[4], packed[5], scales[5], hidden,
+                                             intermediate_size, norms[2], eps[2]);
+  return at::add(h, bitlinear_cpu(gated, packed[6], scales[6], std::nullopt, intermediate_size, hidden, norms[3],
+                                  eps[3]));
+}
+
 std::vector<std::string> supported_isas_op() { return supported_isa_names(); }
 std::string get_isa_op() { return current_isa_name(); }
 void set_isa_op(const std::string& name) { select_isa(name); }
@@ -817,6 +913,10 @@ TORCH_LIBRARY(bitnet, m) {
   m.def(
       "int8_attention(Tensor q, Tensor k_cache, Tensor k_scale, Tensor v_cache, Tensor v_scale, Tensor positions, "
       "float scale, Tensor? mask=None) -> Tensor");
+  m.def(
+      "decoder_layer(Tensor x, Tensor[] packed, Tensor[] scales, Tensor[] norms, float[] eps, Tensor cos, "
+      "Tensor sin, Tensor(a!) k_cache, Tensor(b!) k_scale, Tensor(c!) v_cache, Tensor(d!) v_scale, "
+      "Tensor positions, float scaling, int num_heads, int intermediate_size, Tensor? mask=None) -> Tensor");
   // Kernel-path control (no tensors, so they are not traced by torch.compile).
   m.def("supported_isas() -> str[]", &tbn::supported_isas_op);
   m.def("get_isa() -> str", &tbn::get_isa_op);
@@ -836,6 +936,7 @@ TORCH_LIBRARY_IMPL(bitnet, CPU, m) {
   m.impl("int4_embedding", &tbn::int4_embedding_cpu);
   m.impl("kv_cache_write", &tbn::kv_cache_write_cpu);
   m.impl("int8_attention", &tbn::int8_attention_cpu);
+  m.impl("decoder_layer", &tbn::decoder_layer_cpu);
 }
 
 // The library is imported as the Python module torch_bitnet._C; importing it runs the

@@ -5,6 +5,7 @@
     python benchmarks/bench_decode_ab.py --threads 1 --blocks 24 --lm-head int4
     python benchmarks/bench_decode_ab.py --compare step     # ahead-of-time vs lazily compiled step
     python benchmarks/bench_decode_ab.py --compare alignment --ternary-format 5trit --threads 1
+    python benchmarks/bench_decode_ab.py --compare layer-op --ternary-format 5trit
 
 ``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
 one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
@@ -13,7 +14,11 @@ guarded call, its guard evaluation skipped after the first step of a block). ``-
 alignment``: one model (``--ternary-format``) loaded from its checkpoint, whose packed weights
 ``save_pretrained`` puts at 64-byte offsets, and from a copy written with safetensors'
 ``save_file`` (tensors at 8-byte offsets, as torch_bitnet wrote them before; made once, next
-to the checkpoint).
+to the checkpoint). ``--compare layer-op``: one model (``--ternary-format``) with two decode
+sessions, one compiled while its fused layers run the separate ops (bitlinear_shared, rotary
+embedding kernels, kv_cache_write, int8_attention, bitlinear, bitlinear_relu2_glu, residual adds)
+and one with each layer as one ``bitnet::decoder_layer`` call (what fused layers do on int8
+caches).
 
 Separate processes on this shared machine are not comparable: the read bandwidth one process
 gets moves by a third between runs minutes apart (``torch-bitnet bench`` prints it). So both
@@ -30,25 +35,29 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import os
 import shutil
 import statistics
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import torch_bitnet as tb
+from torch_bitnet import fuse
 from torch_bitnet.bench import cpu_model, default_workdir, prepare_checkpoint
 from torch_bitnet.loading import PACKED_FILE
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", choices=("formats", "step", "alignment"), default="formats",
+    p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op"), default="formats",
                    help="what differs (default formats)")
     p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit",
-                   help="weights for --compare step / alignment")
+                   help="weights for --compare step / alignment / layer-op")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
@@ -90,6 +99,17 @@ def main() -> None:
                 warnings.simplefilter("ignore")  # the unaligned copy's load warns, as it should
                 model = tb.from_pretrained(where, lm_head=args.lm_head, progress=False)
             runs[name] = {"model": model, "session": gen.prepare(model, max_len)}
+    elif args.compare == "layer-op":
+        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
+        model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
+        os.environ["BITNET_STEP_CACHE"] = "0"  # compile both: a saved step has one or the other graph
+        for name in ("ops", "layer_op"):
+            session = gen.DecodeSession(model, max_len)
+            # "ops": traced while the fused layers see no int8 cache layer, so they call the ops
+            # one by one (the compiled step keeps that graph afterwards)
+            with mock.patch.object(fuse, "_int8_layer", lambda *a: None) if name == "ops" else nullcontext():
+                session.warm_up(model)
+            runs[name] = {"model": model, "session": session}
     else:
         path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
         model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)

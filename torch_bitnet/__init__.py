@@ -7,8 +7,9 @@ Public API:
   shared-input forms :func:`bitlinear_shared` (q/k/v) and :func:`bitlinear_relu2_glu`
   (gate/up + squared-ReLU gating), :func:`stream_max`, the int8 lm_head / embedding
   ops :func:`int8_linear`, :func:`int8_embedding`, their compact int4 counterparts
-  :func:`int4_linear`, :func:`int4_embedding`, and the int8 KV cache ops
-  :func:`kv_cache_write`, :func:`int8_attention`
+  :func:`int4_linear`, :func:`int4_embedding`, the int8 KV cache ops
+  :func:`kv_cache_write`, :func:`int8_attention`, and a whole decoder layer over that cache,
+  :func:`decoder_layer`
 * the packed weight format: :mod:`torch_bitnet.packing`; the int8 per-row table of the
   lm_head / embedding: :mod:`torch_bitnet.int8` (:func:`quantize_int8_rows`), and the int4
   group table: :mod:`torch_bitnet.int4` (:func:`quantize_int4_rows`)
@@ -45,6 +46,7 @@ from .ops import (
     bitlinear,
     bitlinear_relu2_glu,
     bitlinear_shared,
+    decoder_layer,
     int4_embedding,
     int4_linear,
     int8_attention,
@@ -69,6 +71,7 @@ __all__ = [
     "Int8Linear",
     "available_isas",
     "convert_checkpoint",
+    "decoder_layer",
     "from_pretrained",
     "GenerationResult",
     "generate",

@@ -11,6 +11,13 @@ computes the same thing with four ops:
   ``relu(gate)^2 * up``;
 * ``bitlinear``        with ``ffn_sub_norm`` fused in: the down projection.
 
+On an int8 KV cache layer (torch_bitnet's static or dynamic one) the whole layer, those four
+ops with the rotary embedding, the cache write, the attention and the residual adds between
+them, is one ``bitnet::decoder_layer`` call (:func:`torch_bitnet.ops.decoder_layer`), with the
+same result bit for bit: a compiled decode step then spends its time in kernels rather than in
+~10 op and kernel calls per layer (2B-4T, 2 threads: 0.9 ms, 3% of a token). Float caches
+and training keep the four ops, with transformers' attention functions.
+
 The modules themselves are unchanged (same submodules, buffers and ``state_dict`` keys): only
 the layer's class is swapped for a subclass overriding ``forward``, so saving, loading and
 ``patch`` work as before. Outputs equal the unfused layer's up to the RMSNorm's mean of

@@ -111,11 +111,11 @@ class _FusedDecoderLayer:
 
         cache = cache if cache is not None else past_key_values
         attn, mlp = self.self_attn, self.mlp
-        q_proj, k_proj, v_proj, o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        norm = self.input_layernorm
         int8_layer = None if attn.training else _int8_layer(cache, attn.layer_idx)
         if int8_layer is not None:
             return self._one_op(hidden_states, attention_mask, position_embeddings, int8_layer)
+        q_proj, k_proj, v_proj, o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        norm = self.input_layernorm
 
         # Attention: hidden_states (B, Q, hidden) -> q (B, H, Q, D), k / v (B, KVH, Q, D).
         residual = hidden_states

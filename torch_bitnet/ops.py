@@ -258,10 +258,6 @@ def _int8_attention_fake(q, k_cache, k_scale, v_cache, v_scale, positions, scale
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-_LAYER_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
-_LAYER_NORMS = ("input_layernorm", "attn_sub_norm", "post_attention_layernorm", "ffn_sub_norm")
-
-
 def _layer_sizes(x, k_cache, num_heads: int, intermediate_size: int) -> list[tuple[int, int]]:
     """(in_features, out_features) of decoder_layer's q, k, v, o, gate, up and down weights."""
     hidden, kv_heads, head_dim = x.shape[-1], k_cache.shape[1], k_cache.shape[3]

@@ -97,6 +97,45 @@ def test_write_then_attend_matches_reference_and_sdpa(isa, b, kvh, groups, d, le
     assert err <= 0.05 * v.float().abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [40, 128])  # 40: a partial last vector of 16 on the AVX-512 path
+def test_cache_write_edge_values_agree_across_paths(isa, dtype, d):
+    """Keys / values at the edges of the quantizer, written on this path and on the portable one:
+    the same bits. Rows: all zero (scale 0), exact halves of a step (round half to even), a
+    subnormal-sized row, one Inf (scale Inf, the row's finite values -> 0, the Inf itself NaN ->
+    0), one NaN (left out of the maximum), values at the dtype's largest finite size. The rows
+    without NaN also equal the reference."""
+    rows = torch.zeros(7, d)
+    rows[1] = torch.arange(d) % 5 - 2.0
+    rows[1, 0] = 4.0  # max 4: s = 4 / 127, x / s = 127 x / 4 hits .25/.5/.75 fractions
+    rows[2] = torch.linspace(-1, 1, d) * 1e-38
+    rows[3] = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    rows[3, 3] = float("inf")
+    rows[4] = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    rows[4, 7] = float("nan")
+    rows[5] = torch.linspace(-1, 1, d) * torch.finfo(dtype).max
+    rows[6] = torch.randn(d, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.5
+    k = rows.to(dtype).view(1, 1, 7, d)
+    v = -k
+    positions = torch.arange(7)
+    ours = _cache(1, 1, 7, d)
+    torch_bitnet.ops.kv_cache_write(*ours, k, v, positions)
+    portable = _cache(1, 1, 7, d)
+    with torch_bitnet.use_isa("scalar"):
+        torch_bitnet.ops.kv_cache_write(*portable, k, v, positions)
+    for a, e in zip(ours, portable):
+        assert torch.equal(a.view(torch.int8) if a.dtype == torch.int8 else a.view(torch.int32),
+                           e.view(torch.int8) if e.dtype == torch.int8 else e.view(torch.int32))
+    theirs = _cache(1, 1, 7, d)
+    reference.kv_cache_write(*theirs, k, v, positions)
+    finite = [0, 1, 2, 3, 5, 6]  # row 4's NaN: the reference's maximum is NaN, the kernels skip it
+    for a, e in zip(ours, theirs):
+        assert torch.equal(a[:, :, finite], e[:, :, finite])
+    assert ours[1][0, 0, 0] == 0 and (ours[0][0, 0, 0] == 0).all()
+    assert torch.isinf(ours[1][0, 0, 3]) and (ours[0][0, 0, 3] == 0).all()
+    assert torch.isfinite(ours[1][0, 0, 4]) and ours[0][0, 0, 4, 7] == 0
+
+
 @given(
     b=st.integers(1, 2),
     kvh=st.integers(1, 3),

@@ -100,6 +100,8 @@ SHAPES = st.sampled_from([
     dict(hidden=96, heads=4, kv_heads=2, head_dim=16, inter=160),
     dict(hidden=64, heads=2, kv_heads=2, head_dim=32, inter=96),  # no grouping
     dict(hidden=130, heads=6, kv_heads=1, head_dim=8, inter=300),  # odd widths, one kv head
+    # 2B-4T's head_dim: the vectorised rotary embedding over several vectors per half
+    dict(hidden=256, heads=4, kv_heads=1, head_dim=128, inter=128),
 ])
 
 

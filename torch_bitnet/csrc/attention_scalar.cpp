@@ -9,13 +9,13 @@
 
 namespace tbn {
 
-void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale) {
+void kv_quantize_scalar(const void* x, DType dt, int64_t d, int8_t* q, float* scale) {
   float amax = 0.f;
-  for (int64_t t = 0; t < d; ++t) amax = std::max(amax, std::fabs(x[t]));
+  for (int64_t t = 0; t < d; ++t) amax = std::max(amax, std::fabs(load_float(x, dt, t)));
   const float s = amax / 127.0f;  // as reference.kv_quantize: 0 for an all-zero vector
   *scale = s;
   for (int64_t t = 0; t < d; ++t) {
-    const float r = s > 0.f ? std::nearbyint(x[t] / s) : 0.f;
+    const float r = s > 0.f ? std::nearbyint(load_float(x, dt, t) / s) : 0.f;
     q[t] = int8_t(std::min(std::max(r, -127.f), 127.f));
   }
 }

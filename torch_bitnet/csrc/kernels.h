@@ -122,6 +122,25 @@ inline void store_float(void* out, DType dt, int64_t i, float y) {
   }
 }
 
+// Element i of an array of dtype dt, as float.
+inline float load_float(const void* in, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::BF16:
+      return bf16_to_float(static_cast<const uint16_t*>(in)[i]);
+    case DType::F16:
+      return f16_to_float(static_cast<const uint16_t*>(in)[i]);
+    default:
+      return static_cast<const float*>(in)[i];
+  }
+}
+
+// Rounds float y to dtype dt and back (what storing an intermediate in dt does).
+inline float round_to(DType dt, float y) {
+  if (dt == DType::BF16) return bf16_to_float(float_to_bf16(y));
+  if (dt == DType::F16) return f16_to_float(float_to_f16(y));
+  return y;
+}
+
 // Store one result given sum_k u*x (codes u = w + 1): subtracts the activation sum.
 inline void store_result(const GemmProblem& p, int64_t m, int64_t n, int32_t sum_ux) {
   const int32_t acc = sum_ux - p.xsum[m];
@@ -261,6 +280,20 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
+// An RMSNorm applied to each row before it is quantized (the fused norm of bitlinear and
+// the shared-input ops), in the operations of transformers' BitNetRMSNorm / LlamaRMSNorm:
+//   var = mean(x^2), accumulated in double and rounded once to float32 (so every ISA and the
+//         reference agree bit for bit in practice: their summation orders differ only in
+//         double rounding, ~1e-16 relative, far below float32's half-ulp);
+//   r   = 1 / sqrt(var + eps)                      (the sum in float32; sqrt and division in
+//         double, rounded once to float32: correctly rounded, unlike torch's vectorised rsqrt)
+//   h   = round_dt(x * r)                          (float32 product rounded to the row's dtype dt)
+//   y   = round_dt(weight * h)                     (weight: K values of dtype dt)
+struct RowNorm {
+  const void* weight = nullptr;  // (K,) of the rows' dtype
+  float eps = 0.f;
+};
+
 // ---- the per-ISA kernel table ----
 
 struct Kernels {
@@ -293,6 +326,18 @@ struct Kernels {
   // rows [n0, n1) of p, whose w is 5-trit (p.ldw = Kp5 / 5, p.k_pad = Kp5). Null on the paths
   // without such a kernel (ops.cpp then unpacks and calls gemm).
   void (*gemv5)(const GemmProblem& p, int64_t n0, int64_t n1);
+  // The small per-token steps of a decoder layer, vectorised where the ISA allows (a decode
+  // token runs them on one thread between the parallel products):
+  // One row of k values of dtype dt -> k floats in out, RMS-normalised (RowNorm) when norm is
+  // non-null.
+  void (*load_row)(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
+  // Rotary embedding of one head of d values of dtype dt (rotate-half form) into out (dtype dt),
+  // with the token's cos c and sin s as floats: out_i = round_dt(round_dt(x_i c_i) +
+  // round_dt(r_i s_i)), r = cat(-x[d/2:], x[:d/2]); the roundings of eager PyTorch in dt.
+  void (*rope_row)(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
+  // One key or value vector of d values of dtype dt -> int8 q and scale s with q * s ~ x:
+  // s = max|x| / 127, q = round(x / s) (0 when s == 0); NaNs do not enter the maximum.
+  void (*kv_quantize)(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
 };
 
 extern const Kernels kScalarKernels;
@@ -313,20 +358,6 @@ inline float act_scale_from_amax(float amax) {
   const float clamped = amax < 1e-5f ? 1e-5f : amax;
   return (1.0f / clamped) * 127.0f;
 }
-
-// An RMSNorm applied to each row before it is quantized (the fused norm of bitlinear and
-// the shared-input ops), in the operations of transformers' BitNetRMSNorm / LlamaRMSNorm:
-//   var = mean(x^2), accumulated in double and rounded once to float32 (so every ISA and the
-//         reference agree bit for bit in practice: their summation orders differ only in
-//         double rounding, ~1e-16 relative, far below float32's half-ulp);
-//   r   = 1 / sqrt(var + eps)                      (the sum in float32; sqrt and division in
-//         double, rounded once to float32: correctly rounded, unlike torch's vectorised rsqrt)
-//   h   = round_dt(x * r)                          (float32 product rounded to the row's dtype dt)
-//   y   = round_dt(weight * h)                     (weight: K values of dtype dt)
-struct RowNorm {
-  const void* weight = nullptr;  // (K,) of the rows' dtype
-  float eps = 0.f;
-};
 
 // Quantize rows [m0, m1) of a (M, ldx) matrix of dtype dt, converting 16-bit rows to
 // float first (and normalising them first if norm is non-null). xq rows have stride ldq;
@@ -374,9 +405,16 @@ void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, co
 // ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and
 // the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp) ----
 
-// One key or value vector of d floats -> int8 q and scale s with q * s ~ x:
-// s = max|x| / 127, q = round(x / s) (0 when s == 0).
-void kv_quantize_row(const float* x, int64_t d, int8_t* q, float* scale);
+// The portable entries of the Kernels table's per-token steps (load_row, rope_row,
+// kv_quantize), and their AVX-512 versions (rows_avx512.cpp).
+void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
+void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
+void kv_quantize_scalar(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+#if defined(__x86_64__) || defined(_M_X64)
+void load_row_avx512(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
+void rope_row_avx512(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
+void kv_quantize_avx512(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+#endif
 
 // The portable attention_partial (the scalar table's entry; the SIMD kernels fall back to it
 // for head_dims their vectors do not divide).

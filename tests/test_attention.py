@@ -211,6 +211,34 @@ def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
     torch.testing.assert_close(ours.float(), float_path.float(), rtol=ulp, atol=2.0**-9 * vmax)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_non_finite_16bit_queries_take_the_float_path(dtype):
+    """A query row holding a NaN or an infinity cannot be scaled to int16: the rows of its task
+    (one kv head here) take the float products, bit for bit what float32 queries of the same
+    values give rounded to the dtype, and handle the non-finite values as the portable path
+    does; the other kv head's rows keep int16 products."""
+    if "avx512" not in torch_bitnet.available_isas():
+        pytest.skip("no AVX-512 on this CPU")
+    g = torch.Generator().manual_seed(3)
+    cache = _cache(1, 2, 40, 64)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
+                                    torch.arange(40))
+    q = torch.randn(1, 8, 1, 64, generator=g).to(dtype)
+    q[0, 1, 0, 5] = float("nan")
+    q[0, 2, 0, 0] = float("inf")  # both in kv head 0's task (heads 0-3)
+    positions = torch.tensor([39])
+    with torch_bitnet.use_isa("avx512"):
+        ours = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
+        float_products = torch_bitnet.ops.int8_attention(q.float(), *cache, positions, 0.125).to(dtype)
+    with torch_bitnet.use_isa("scalar"):
+        portable = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
+    torch.testing.assert_close(ours[:, :4], float_products[:, :4], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(portable))
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    vmax = _dequantized(cache)[1].abs().max().item()
+    torch.testing.assert_close(ours[:, 4:].float(), portable[:, 4:].float(), rtol=ulp, atol=2.0**-9 * vmax)
+
+
 def test_decode_over_a_4096_cache_with_2b4t_geometry(isa):
     # 20 query heads over 5 kv heads, head_dim 128, as bitnet-b1.58-2B-4T; one query at 4095.
     torch.manual_seed(0)

@@ -193,18 +193,19 @@ TB_AVX512 void block_group(const AttentionProblem& p, int64_t g0, int64_t c0, in
   for (; t0 < d; t0 += 16) values_slice<R, 1>(p, c0, nk, w, key_rows, alpha, t0, acc);
 }
 
-// The largest |x| of n floats (n a multiple of 16).
-TB_AVX512_INLINE float abs_max(const float* x, int64_t n) {
-  __m512 m = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + t)), m);
-  return _mm512_reduce_max_ps(m);
-}
-
 // One row of n floats (n a multiple of 16) -> int16 q16 with x ~ q16 * scale; returns scale
-// (0 for a zero row, whose q16 are 0).
+// (0 for a zero row, whose q16 are 0), or NaN if the row holds a NaN or an infinity (it then
+// takes the float path, which carries them into the output as the reference does).
 TB_AVX512_INLINE float to_int16(const float* x, int64_t n, int16_t* q16) {
-  const float amax = abs_max(x, n);
-  const float scale = amax / 32767.f;
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 finite = 0xFFFF;
+  for (int64_t t = 0; t < n; t += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + t));
+    finite &= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+    m = _mm512_max_ps(a, m);
+  }
+  if (finite != 0xFFFF) return std::numeric_limits<float>::quiet_NaN();
+  const float scale = _mm512_reduce_max_ps(m) / 32767.f;
   const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
   const __m512 lim = _mm512_set1_ps(32767.f);
   for (int64_t t = 0; t < n; t += 16) {
@@ -395,11 +396,18 @@ TB_AVX512 void attention_partial_avx512(const AttentionProblem& p, int64_t r0, i
     attention_partial_scalar(p, r0, r1, j0, j1, m, l, acc);
     return;
   }
-  if (p.int16_products && p.d % 32 == 0 && p.d <= 512) {
-    std::vector<int16_t> q16(size_t((r1 - r0) * p.d));
-    std::vector<float> q_scale(size_t(r1 - r0));
-    for (int64_t r = r0; r < r1; ++r)
+  std::vector<int16_t> q16;
+  std::vector<float> q_scale;
+  bool int16 = p.int16_products && p.d % 32 == 0 && p.d <= 512;
+  if (int16) {
+    q16.resize(size_t((r1 - r0) * p.d));
+    q_scale.resize(size_t(r1 - r0));
+    for (int64_t r = r0; r < r1 && int16; ++r) {
       q_scale[size_t(r - r0)] = to_int16(p.q + r * p.d, p.d, q16.data() + (r - r0) * p.d);
+      int16 = !std::isnan(q_scale[size_t(r - r0)]);
+    }
+  }
+  if (int16) {
     for_each_attention_group(p, r0, r1, j0, j1, m, l, acc,
                              [&](int rows, int64_t g0, int64_t c0, int64_t nk, const uint8_t* key_rows, float* gm,
                                  float* gl, float* gacc) {

@@ -330,8 +330,9 @@ struct Kernels {
   // rows [n0, n1) of p, whose w is 5-trit (p.ldw = Kp5 / 5, p.k_pad = Kp5). Null on the paths
   // without such a kernel (ops.cpp then unpacks and calls gemm).
   void (*gemv5)(const GemmProblem& p, int64_t n0, int64_t n1);
-  // The small per-token steps of a decoder layer, vectorised where the ISA allows (a decode
-  // token runs them on one thread between the parallel products):
+  // The small per-token steps of a decoder layer (a decode token runs them on one thread
+  // between the parallel products): AVX-512 versions in rows_avx512.cpp, the portable ones on
+  // the other paths (AVX2 included: ~1 ms per token was the scalar cost at 2 threads):
   // One row of k values of dtype dt -> k floats in out, RMS-normalised (RowNorm) when norm is
   // non-null.
   void (*load_row)(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);

@@ -258,7 +258,11 @@ def test_ahead_of_time_step_recompiles_when_the_model_changes(checkpoint, tokeni
     try:
         hooked = _steps(session, model, tokenizer, 1, same_as_last=False)[0]
         assert counters["stats"]["unique_graphs"] == graphs + 2
-        assert torch.equal(hooked, _steps(eager, model, tokenizer, 1, same_as_last=False)[0])
+        # Not bit for bit: the final RMSNorm (transformers' module, outside our ops) is a float32
+        # reduction that inductor and ATen sum in different orders on some ISAs (seen on an
+        # AVX2-only Zen 3: 1-ulp differences in the first step's logits, ~1e-6 at |logit| ~4).
+        # A missing hook would be off by 1.0.
+        torch.testing.assert_close(hooked, _steps(eager, model, tokenizer, 1, same_as_last=False)[0], rtol=0, atol=1e-5)
         assert torch.allclose(hooked, before[0] + 1.0, rtol=0, atol=1e-5)
     finally:
         handle.remove()

@@ -302,8 +302,11 @@ def test_greedy_int8_vs_fp32_cache(seed, dtype):
     """40 greedy tokens (model.generate) with the int8 and the fp32 cache: the same tokens up to
     the first step whose fp32 top-two margin is within 2 x LOGIT_TOLERANCE of the range (a near
     tie the int8 rounding may break the other way), and logits within LOGIT_TOLERANCE up to
-    there. Measured: 40 identical tokens for 4 of these 6 models; the other two diverge at a
-    margin of 0.5% and 0%."""
+    there. Measured on the AVX-512 path: 40 identical tokens for 4 of these 6 models; the other
+    two diverge at a margin of 0.5% and 0%. On an AVX2-only Zen 3 (other float rounding in
+    transformers' fp32 attention and in ours) the bf16 model of seed 0 reaches such a near tie
+    at token 4, so at least 4 tokens are required to agree (the logits of those steps and the
+    near tie are checked either way)."""
     model = llama(seed, dtype)
     ids = prompt_ids(12)
     runs = {}
@@ -318,7 +321,7 @@ def test_greedy_int8_vs_fp32_cache(seed, dtype):
     if n < 40:
         top2 = ref[n].topk(2).values
         assert float((top2[0] - top2[1]) / ref[n].abs().max()) < 2 * LOGIT_TOLERANCE, f"diverged at {n}"
-    assert n >= 8
+    assert n >= 4
 
 
 def test_every_entry_point_runs_the_same_int8_cache():

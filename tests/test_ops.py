@@ -341,8 +341,8 @@ def test_ternary_mm_matches_reference(isa, lead, k, n, xkinds, wmode, seed):
     assert torch.equal(out, reference.ternary_mm(xq, packed, k, n))
 
 
-# Tile edges of the kernels (avx512: 4 x 4 tiles below M = 128, a separate M = 1 kernel; avx2: 2 x 4
-# tiles below M = 4, then 4-token x 16-row tiles of unpacked weights) and token chunks of the small
+# Tile edges of the kernels (avx512: 4 x 4 tiles below M = 128, a separate M = 1 kernel; avx2: an
+# M = 1 kernel of 4-row tiles, 2 x 4 tiles below M = 4, then 4-token x 16-row tiles of unpacked weights) and token chunks of the small
 # tiles (256 KiB of activations: 100 rows at Kp = 2560, 36 at Kp = 6912 on avx512).
 TILE_CASES = [(m, n, k) for m in (1, 2, 3, 4, 5) for n in (1, 2, 3, 4, 5, 7, 8, 9, 17) for k in (1, 256, 257)]
 CHUNK_CASES = [(257, 19, 2560), (103, 6, 2560), (40, 9, 6912), (73, 5, 6912), (9, 33, 300)]
@@ -393,7 +393,7 @@ def test_ternary_mm_largest_accumulator(isa):
     packed = pack_ternary(w)
     xq = torch.full((128, k), -128, dtype=torch.int8)
     xq[1] = 127
-    for m in (1, 3, 128):  # on avx512: the GEMV kernel, the 4 x 4 tiles, the unpacked panels
+    for m in (1, 3, 128):  # the GEMV kernels (avx2: int16 sums over 4 blocks), the small tiles, the panels
         out = torch_bitnet.ternary_mm(xq[:m], packed, k, 5)
         assert out[0, 0].item() == -(2**24)  # -128 * 2^17
         assert out[0, 1].item() == 2**24

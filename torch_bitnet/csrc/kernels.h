@@ -411,11 +411,14 @@ void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, co
 // the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp) ----
 
 // The portable entries of the Kernels table's per-token steps (load_row, rope_row,
-// kv_quantize), and their AVX-512 versions (rows_avx512.cpp).
+// kv_quantize), and their AVX2 and AVX-512 versions (rows_avx2.cpp, rows_avx512.cpp).
 void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
 void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
 void kv_quantize_scalar(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
 #if defined(__x86_64__) || defined(_M_X64)
+void load_row_avx2(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
+void rope_row_avx2(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
+void kv_quantize_avx2(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
 void load_row_avx512(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
 void rope_row_avx512(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
 void kv_quantize_avx512(const void* x, DType dt, int64_t d, int8_t* q, float* scale);

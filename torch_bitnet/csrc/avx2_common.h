@@ -1,5 +1,6 @@
-// Pieces shared by the AVX2 kernel files (kernels_avx2.cpp, int4_avx2.cpp, gate_avx2.cpp):
-// the target attributes and the dword transpose. Included only from x86-64 builds of those files.
+// Pieces shared by the AVX2 kernel files (kernels_avx2.cpp, int4_avx2.cpp, gate_avx2.cpp,
+// rows_avx2.cpp): the target attributes, the dword transpose and 8 floats <-> 8 bf16 values with
+// float_to_bf16's rounding. Included only from x86-64 builds of those files.
 #pragma once
 
 #include <immintrin.h>
@@ -34,6 +35,23 @@ TB_AVX2_INLINE void transpose8(__m256i (&v)[8]) {
   }
   #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) v[j] = t[j];
+}
+
+// 8 bf16 values -> floats (exact).
+TB_AVX2_INLINE __m256 bf16x8_to_float(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// 8 floats -> bf16 values, lane by lane as float_to_bf16: round to nearest even on the bits,
+// NaN -> 0x7FC0.
+TB_AVX2_INLINE __m128i float_to_bf16x8(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // r holds 8 values < 2^16 in 32-bit lanes: pack them (unsigned saturation never triggers).
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 }  // namespace tbn

@@ -12,20 +12,6 @@
 namespace tbn {
 namespace {
 
-TB_AVX2_INLINE __m256 bf16x8_to_float(__m128i h) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-TB_AVX2_INLINE __m128i float_to_bf16x8(__m256 f) {
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-  // r holds 8 values < 2^16 in 32-bit lanes: pack them (unsigned saturation never triggers).
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
-
 // relu via max(0, g): vmaxps returns its second operand when one is NaN, so NaN stays NaN.
 TB_AVX2_INLINE __m256 relu2(__m256 g) {
   const __m256 r = _mm256_max_ps(_mm256_setzero_ps(), g);

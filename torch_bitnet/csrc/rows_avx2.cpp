@@ -21,34 +21,18 @@ namespace {
 // Elements i .. i + 7 of x (float32 or bf16) as floats.
 TB_AVX2_INLINE __m256 load8(const void* x, DType dt, int64_t i) {
   if (dt == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// float_to_bf16 lane by lane (round to nearest even on the bits, NaN -> 0x7FC0), in the low
-// 16 bits of each 32-bit lane.
-TB_AVX2_INLINE __m256i bf16_bits(__m256 y) {
-  const __m256i u = _mm256_castps_si256(y);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+  return bf16x8_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
 }
 
 // y rounded to dt and back (round_to): float32 unchanged, bf16 through its bits.
-TB_AVX2_INLINE __m256 round8(DType dt, __m256 y) {
-  if (dt == DType::F32) return y;
-  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(y), 16));
-}
+TB_AVX2_INLINE __m256 round8(DType dt, __m256 y) { return dt == DType::F32 ? y : bf16x8_to_float(float_to_bf16x8(y)); }
 
 // y rounded once to dt, stored at elements i .. i + 7 of out.
 TB_AVX2_INLINE void store8(void* out, DType dt, int64_t i, __m256 y) {
-  if (dt == DType::F32) {
+  if (dt == DType::F32)
     _mm256_storeu_ps(static_cast<float*>(out) + i, y);
-    return;
-  }
-  // 8 x 16 bits: pack within 128-bit lanes (values < 2^16 pass unsaturated), then join the halves
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits(y), bf16_bits(y)), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), _mm256_castsi256_si128(packed));
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), float_to_bf16x8(y));
 }
 
 TB_AVX2_INLINE __m256 negate(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.f)); }

@@ -24,17 +24,13 @@
 // float path above.
 #if defined(__x86_64__) || defined(_M_X64)
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "avx512_common.h"
 #include "kernels.h"
-
-#define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
 
 namespace tbn {
 namespace {

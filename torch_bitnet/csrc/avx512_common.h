@@ -1,6 +1,6 @@
 // Pieces shared by the AVX-512 VNNI kernel files (kernels_avx512.cpp, int8_avx512.cpp,
-// int4_avx512.cpp, ternary5_avx512.cpp): the target attributes, the dword transpose, the
-// transposing reduction and the code planes' sum.
+// int4_avx512.cpp, ternary5_avx512.cpp, attention_avx512.cpp): the target attributes, the dword
+// transpose, the transposing reduction and the code planes' sum.
 // Included only from x86-64 builds of those files.
 #pragma once
 

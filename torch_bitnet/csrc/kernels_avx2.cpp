@@ -154,56 +154,39 @@ TB_AVX2 void gemm_tile(const GemmProblem& p, int64_t m, int64_t n) {
     for (int r = 0; r < NR; ++r) store_result(p, m + t, n + r, hsum_epi32(acc[t][r]));
 }
 
-// Decode kernel (M = 1): one token against NR output rows. Per 32 packed bytes of a row: 1
-// load, 3 shifts, 4 AND, 4 VPMADDUBSW and 4 int16 adds; the 4 activation vectors are shared by
-// the NR rows. A row's four plane products (each pair at most 2 * 2 * 128 = 512 in magnitude)
-// are summed in int16, at most 4096 per 64-byte block, so kWiden = 4 blocks (16384) accumulate
-// in int16 before one VPMADDWD widens them to int32. The gemm tile above widens every block,
-// re-loads the activations per token tile and has no prefetch: at M = 1 it computed ~3.5 GB/s
-// of packed weight on this project's Zen 3 (AVX2-only) machine, far below its read bandwidth.
-// Prefetch as in the AVX-512 decode kernel (NR lines per block kGemvPrefetch bytes ahead into
-// L2), so DRAM latency is hidden behind the arithmetic.
+// Decode kernel (M = 1): one token against NR output rows, with block_half's arithmetic (per
+// 32 packed bytes of a row: 1 load, 3 shifts, 4 AND, 4 VPMADDUBSW and 4 int16 adds; the 4
+// activation vectors are shared by the NR rows). A row's int16 sums grow by at most 4096 per
+// 64-byte block (8 pairs of at most 2 * 2 * 128 = 512), so kWiden = 4 blocks (16384) pass
+// before one VPMADDWD widens them to int32, and NR lines per block are prefetched kGemvPrefetch
+// bytes ahead into L2, as in the AVX-512 decode kernel. The gemm tiles above, which widen every
+// block and prefetch nothing, streamed 26-34% of a plain read at M = 1 on an AVX2-only Zen 3:
+// DRAM latency, not arithmetic, held them back.
 constexpr int64_t kGemvPrefetch = 8192;
 constexpr int64_t kWiden = 4;
 
 template <int NR>
 TB_AVX2 void gemv_tile(const GemmProblem& p, int64_t n) {
-  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* w = p.w + n * p.ldw;
-  const int8_t* x = p.xq;
   __m256i acc[NR];
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_si256();
   const char* pf = reinterpret_cast<const char*>(w) + kGemvPrefetch;
   const int64_t nblk = p.k_pad / 256;
   for (int64_t b0 = 0; b0 < nblk; b0 += kWiden) {
-    __m256i part[NR];
+    __m256i part[1][NR];  // one token's int16 sums, as block_half makes them
     #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) part[r] = _mm256_setzero_si256();
+    for (int r = 0; r < NR; ++r) part[0][r] = _mm256_setzero_si256();
     const int64_t b1 = std::min(nblk, b0 + kWiden);
     for (int64_t b = b0; b < b1; ++b) {
       #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) _mm_prefetch(pf + 64 * (NR * b + r), _MM_HINT_T1);
-      #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        const int8_t* xb = x + 256 * b + 32 * h;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
-        const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 128));
-        const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 192));
-        #pragma GCC unroll 16
-        for (int r = 0; r < NR; ++r) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * p.ldw + 64 * b + 32 * h));
-          const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv, three), x0),
-                                               _mm256_maddubs_epi16(plane<1>(wv), x1));
-          const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(plane<2>(wv), x2),
-                                               _mm256_maddubs_epi16(plane<3>(wv), x3));
-          part[r] = _mm256_add_epi16(part[r], _mm256_add_epi16(s01, s23));
-        }
-      }
+      block_half<0>(part, w + 64 * b, p.ldw, p.xq + 256 * b, p.ldq);
+      block_half<1>(part, w + 64 * b, p.ldw, p.xq + 256 * b, p.ldq);
     }
     #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[0][r], ones));
   }
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) store_result(p, 0, n + r, hsum_epi32(acc[r]));

@@ -52,6 +52,14 @@ def _atol(q, cache, scale):
     return 4 * torch.finfo(torch.float32).eps * (1 + smax) * v.abs().max().item()
 
 
+def _int16_isas():
+    """The kernel paths with int16 attention products that this CPU runs (skips the test if none)."""
+    names = [name for name in ("avx2", "avx512") if name in torch_bitnet.available_isas()]
+    if not names:
+        pytest.skip("no AVX2 or AVX-512 on this CPU")
+    return names
+
+
 def _sdpa(q, k, v, positions, mask=None):
     """SDPA with GQA expansion and the causal-over-cache mask (query at p sees 0..p), and'ed
     with the optional bool mask (B, Q, Lm), Lm <= L (positions past Lm hidden)."""
@@ -183,8 +191,8 @@ def test_attention_matches_reference_and_sdpa(isa, b, kvh, groups, d, length, da
     seed=st.integers(0, 2**16),
 )
 def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
-    """On the AVX-512 path 16-bit queries use int16 products (queries and each block's softmax
-    weights scaled to int16 per row, attention_avx512.cpp); the portable path keeps float. The
+    """On the AVX2 and AVX-512 paths 16-bit queries use int16 products (queries and each block's
+    softmax weights scaled to int16 per row, attention_avx512.cpp); the portable path keeps float. The
     query rounding (half a step of max|q| / 32767) moves a score by at most 2^-16 max|q| sum|k|
     k_scale scale, 1/256 of what the int8 rounding of the keys already moves it by; the weight
     rounding moves the output by at most 2^-16 of the block's largest weighted value. Allowed:
@@ -192,8 +200,7 @@ def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
     fp16, where the float results fall on either side of a rounding boundary) plus 2^-9 max|v|.
     Measured over 400 random shapes and scales (queries x1-10, keys x0.5-8, up to 600
     positions): at most 2^-10.1 max|v| beyond the ulp."""
-    if "avx512" not in torch_bitnet.available_isas():
-        pytest.skip("no AVX-512 on this CPU")
+    int16_isas = _int16_isas()
     g = torch.Generator().manual_seed(seed)
     qlen = min(qlen, length)
     cache = _cache(1, 2, length, d)
@@ -202,13 +209,14 @@ def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
     q = (torch.randn(1, 8, qlen, d, generator=g) * 3).to(dtype)
     positions = torch.arange(length - qlen, length)
     mask = (torch.rand(1, qlen, length, generator=g) > 0.3) if masked else None
-    with torch_bitnet.use_isa("avx512"):
-        ours = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, mask)
     with torch_bitnet.use_isa("scalar"):
         float_path = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, mask)
     vmax = _dequantized(cache)[1].abs().max().item()
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    torch.testing.assert_close(ours.float(), float_path.float(), rtol=ulp, atol=2.0**-9 * vmax)
+    for name in int16_isas:
+        with torch_bitnet.use_isa(name):
+            ours = torch_bitnet.ops.int8_attention(q, *cache, positions, d**-0.5, mask)
+        torch.testing.assert_close(ours.float(), float_path.float(), rtol=ulp, atol=2.0**-9 * vmax, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -217,8 +225,7 @@ def test_non_finite_16bit_queries_take_the_float_path(dtype):
     (one kv head here) take the float products, bit for bit what float32 queries of the same
     values give rounded to the dtype, and handle the non-finite values as the portable path
     does; the other kv head's rows keep int16 products."""
-    if "avx512" not in torch_bitnet.available_isas():
-        pytest.skip("no AVX-512 on this CPU")
+    int16_isas = _int16_isas()
     g = torch.Generator().manual_seed(3)
     cache = _cache(1, 2, 40, 64)
     torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
@@ -227,16 +234,18 @@ def test_non_finite_16bit_queries_take_the_float_path(dtype):
     q[0, 1, 0, 5] = float("nan")
     q[0, 2, 0, 0] = float("inf")  # both in kv head 0's task (heads 0-3)
     positions = torch.tensor([39])
-    with torch_bitnet.use_isa("avx512"):
-        ours = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
-        float_products = torch_bitnet.ops.int8_attention(q.float(), *cache, positions, 0.125).to(dtype)
     with torch_bitnet.use_isa("scalar"):
         portable = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
-    torch.testing.assert_close(ours[:, :4], float_products[:, :4], rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(torch.isfinite(ours), torch.isfinite(portable))
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     vmax = _dequantized(cache)[1].abs().max().item()
-    torch.testing.assert_close(ours[:, 4:].float(), portable[:, 4:].float(), rtol=ulp, atol=2.0**-9 * vmax)
+    for name in int16_isas:
+        with torch_bitnet.use_isa(name):
+            ours = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
+            float_products = torch_bitnet.ops.int8_attention(q.float(), *cache, positions, 0.125).to(dtype)
+        torch.testing.assert_close(ours[:, :4], float_products[:, :4], rtol=0, atol=0, equal_nan=True, msg=name)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(portable)), name
+        torch.testing.assert_close(ours[:, 4:].float(), portable[:, 4:].float(), rtol=ulp, atol=2.0**-9 * vmax,
+                                   msg=name)
 
 
 def test_decode_over_a_4096_cache_with_2b4t_geometry(isa):

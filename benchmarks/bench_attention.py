@@ -8,7 +8,7 @@ layers. For each context length one decode token attends, in every one of the 30
 to that layer's own cache (30 distinct caches, as in a real decode step, so the caches are
 read from DRAM rather than from a warm L3). Reported per token (30 layers): time of
 ``torch_bitnet.int8_attention`` over int8 caches with float32 queries and with bf16 queries
-(the model's: on the AVX-512 path these use int16 products, see attention_avx512.cpp), of ``scaled_dot_product_attention`` (GQA)
+(the model's: on the AVX2 and AVX-512 paths these use int16 products, see attention_avx512.cpp), of ``scaled_dot_product_attention`` (GQA)
 over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
 warm-up, all in one run. The 1-minute load average is printed before and after: other
 processes on the machine slow the threads down (rerun when it is well below the core count).

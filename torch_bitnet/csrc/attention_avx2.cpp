@@ -8,7 +8,7 @@
 // made one key at a time: its 4 dot products summed horizontally together (hsum4), then scaled
 // and masked. With 16 vector registers the value accumulators cover 16 dims x 4 rows at a time.
 //
-// 16-bit queries (p.int16_products) with head_dim a multiple of 16 take int16 products as on
+// 16-bit queries (p.int16_products) with head_dim a multiple of 32 take int16 products as on
 // AVX-512 (the scalings and their error bounds are in attention_avx512.cpp's header): VPMADDWD
 // multiplies 16 int16 pairs per instruction, twice the 8 of a float FMA, and needs no
 // int -> float conversion of the keys and values. Its int32 pair sums are added with VPADDD
@@ -328,7 +328,8 @@ TB_AVX2 void attention_partial_avx2(const AttentionProblem& p, int64_t r0, int64
   }
   std::vector<int16_t> q16;
   std::vector<float> q_scale;
-  bool int16 = p.int16_products && p.d % 16 == 0 && p.d <= 512;
+  // head_dim a multiple of 32, as on AVX-512: the same shapes take int16 products on both paths.
+  bool int16 = p.int16_products && p.d % 32 == 0 && p.d <= 512;
   if (int16) {
     q16.resize(size_t((r1 - r0) * p.d));
     q_scale.resize(size_t(r1 - r0));

@@ -773,8 +773,11 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
           attention_merge(m_state.data() + state + r, l_state.data() + state + r, acc + r * d, 1, 0, d, acc + r * d);
     }
   });
+  // The merge reads parts x d floats per row: for a decode token (2B-4T: 20 rows, 2 parts) a
+  // few microseconds on the calling thread, less than another fork / join of the pool.
   if (parts > 1)
-    at::parallel_for(0, units * rows, 16, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, units * rows, std::max<int64_t>(1, kAttentionMinParallelWork / (parts * d)),
+                     [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t first = (i / rows) * parts * rows + i % rows;  // state of part 0
         attention_merge(m_state.data() + first, l_state.data() + first, acc_state.data() + first * d, parts, rows, d,

@@ -36,6 +36,21 @@ inline int32_t load_i32(const int8_t* p) {
 // the int8 table, which has twice the bytes).
 constexpr int64_t kPrefetchAhead = 16384;
 
+// The bf16 scales of groups g .. g + 15 (fewer at the end of K) of 8 rows (row r at scales +
+// r * groups; rows >= rows absent, read as 0), as in int4_avx512.cpp: loaded row by row as bf16
+// pairs and transposed, so pairs[j] holds in lane r row r's scales of groups g + 2j (low half)
+// and g + 2j + 1 (high half).
+TB_AVX2_INLINE void load_scale_pairs(const uint16_t* scales, int64_t groups, int64_t g, int rows,
+                                     __m256i (&pairs)[8]) {
+  const int64_t cols = std::min<int64_t>(8, (groups - g) / 2);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  #pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r)
+    pairs[r] = r < rows ? _mm256_maskload_epi32(reinterpret_cast<const int*>(scales + r * groups + g), col_mask)
+                        : _mm256_setzero_si256();
+  transpose8(pairs);
+}
+
 // MR tokens (m ..) x rows 8h .. 8h + rows - 1 of tile t, the whole K. The tile's first pass
 // (token tile 0, half 0: stream) reads it from DRAM as one sequential stream, each line
 // prefetched kPrefetchAhead bytes ahead into L2; the second half and later token tiles find it
@@ -49,22 +64,10 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
   __m256 s[MR];
   #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) s[i] = _mm256_setzero_ps();
-  // The scales of up to 16 groups of the 8 rows, as in int4_avx512.cpp: loaded row by row (as
-  // bf16 pairs) and transposed, so pairs[j] holds in lane r row r's scales of groups g0 + 2j
-  // (low half) and g0 + 2j + 1 (high half). Absent rows read nothing.
-  alignas(32) __m256i pairs[8];
+  alignas(32) __m256i pairs[8];  // see load_scale_pairs
   for (int64_t g = 0; g < groups; g += 2) {
     const int64_t j = (g / 2) % 8;
-    if (j == 0) {
-      const int64_t cols = std::min<int64_t>(8, (groups - g) / 2);
-      const __m256i col_mask =
-          _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      #pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r)
-        pairs[r] = r < rows ? _mm256_maskload_epi32(reinterpret_cast<const int*>(scales + r * groups + g), col_mask)
-                            : _mm256_setzero_si256();
-      transpose8(pairs);
-    }
+    if (j == 0) load_scale_pairs(scales, groups, g, rows, pairs);
     const __m256i pair = pairs[j];
     const __m256 group_scale[2] = {_mm256_castsi256_ps(_mm256_slli_epi32(pair, 16)),
                                    _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32(int(0xFFFF0000u))))};
@@ -122,23 +125,13 @@ TB_AVX2 void gemv_tile(const Int4Problem& p, int64_t t, int rows) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i high16 = _mm256_set1_epi32(int(0xFFFF0000u));
   __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0..7, 8..15
-  // pairs[h][j]: lane r = row 8 h + r's bf16 scales of groups g0 + 2j (low), g0 + 2j + 1 (high)
+  // pairs[h]: load_scale_pairs of rows 8 h .. 8 h + 7
   alignas(32) __m256i pairs[2][8];
   for (int64_t g = 0; g < groups; g += 2) {
     const int64_t j = (g / 2) % 8;
     if (j == 0) {
-      const int64_t cols = std::min<int64_t>(8, (groups - g) / 2);
-      const __m256i col_mask =
-          _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        #pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r)
-          pairs[h][r] = 8 * h + r < rows ? _mm256_maskload_epi32(
-                                                reinterpret_cast<const int*>(scales + (8 * h + r) * groups + g), col_mask)
-                                          : _mm256_setzero_si256();
-        transpose8(pairs[h]);
-      }
+      load_scale_pairs(scales, groups, g, rows, pairs[0]);
+      load_scale_pairs(scales + 8 * groups, groups, g, rows - 8, pairs[1]);
     }
     // The next tile's scales (kInt4Tile * groups bf16 = one 64-byte line per pair of groups),
     // a second stream the hardware prefetcher left behind: 22.2 -> 17.3 ms per 2B-4T lm_head

@@ -186,11 +186,12 @@ def test_attention_matches_reference_and_sdpa(isa, b, kvh, groups, d, length, da
     d=st.sampled_from([32, 64, 128]),
     length=st.integers(1, 300),
     qlen=st.integers(1, 3),
+    groups=st.sampled_from([1, 3, 4, 5]),  # query heads per kv head: groups of 1-4 rows
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
+def test_int16_products_of_16bit_queries(d, length, qlen, groups, dtype, masked, seed):
     """On the AVX2 and AVX-512 paths 16-bit queries use int16 products (queries and each block's
     softmax weights scaled to int16 per row, attention_avx512.cpp); the portable path keeps float. The
     query rounding (half a step of max|q| / 32767) moves a score by at most 2^-16 max|q| sum|k|
@@ -206,7 +207,7 @@ def test_int16_products_of_16bit_queries(d, length, qlen, dtype, masked, seed):
     cache = _cache(1, 2, length, d)
     torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, length, d, generator=g) * 2,
                                     torch.randn(1, 2, length, d, generator=g), torch.arange(length))
-    q = (torch.randn(1, 8, qlen, d, generator=g) * 3).to(dtype)
+    q = (torch.randn(1, 2 * groups, qlen, d, generator=g) * 3).to(dtype)
     positions = torch.arange(length - qlen, length)
     mask = (torch.rand(1, qlen, length, generator=g) > 0.3) if masked else None
     with torch_bitnet.use_isa("scalar"):

@@ -111,11 +111,11 @@ TB_AVX2 void half_tile(const Int4Problem& p, int64_t m, int64_t t, int h, int ro
 
 // One token (M = 1) against a whole 16-row tile in one pass: per 64-byte line both halves
 // (rows 0..7 and 8..15) take the same two broadcast activation dwords, so a line costs 2
-// loads, 6 nibble ops, 4 VPMADDUBSW and 4 int16 adds, and each line is read once. half_tile,
-// two passes of 8 rows that each broadcast the activations again, was bound by its work per
-// weight at M = 1: 55-57% of a plain read on an AVX2-only Zen 3, barely faster than the int8
-// table with twice the bytes. The float sequence per row is half_tile's (and the reference's):
-// s += float(d_g) * scale_g in group order.
+// loads, 6 nibble ops, 4 VPMADDUBSW and 4 int16 adds, and each line is read once. half_tile's
+// two passes of 8 rows, each broadcasting the activations again, streamed 55-57% of a plain
+// read at M = 1 on an AVX2-only Zen 3, barely faster than the int8 table with twice the bytes;
+// one pass made it 69-71%, with the scale prefetch below 90-91%. The float sequence per row is
+// half_tile's (and the reference's): s += float(d_g) * scale_g in group order.
 TB_AVX2 void gemv_tile(const Int4Problem& p, int64_t t, int rows) {
   const int64_t groups = p.k_pad / kInt4Group;
   const uint8_t* w = p.w + t * (kInt4Tile * p.k_pad / 2);

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -111,15 +112,62 @@ void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* 
   });
 }
 
-// Call run(n0, n1) over all n output rows, in tiles of row_tile rows spread over the thread
-// pool (each thread gets one contiguous range). The grain keeps at least ~1M multiply-adds
-// per task so small layers do not pay for waking threads.
+// One thread's share of a parallel_rows range, [front, back) in row tiles packed into one word
+// (front in the low 32 bits; a weight has far fewer than 2^32 tiles): its owner takes chunks from the front, a thread that has run out
+// of work takes them from the back. One cache line each, so owners never write a shared line.
+struct alignas(64) Share {
+  std::atomic<uint64_t> range{0};
+};
+
+// Take the next chunk of at most `step` tiles from the front (owner) or the back (thief) of a
+// share; false once it is empty.
+bool take(std::atomic<uint64_t>& share, uint64_t step, bool from_front, uint64_t& t0, uint64_t& t1) {
+  uint64_t r = share.load(std::memory_order_relaxed);
+  for (;;) {
+    const uint64_t front = r & 0xFFFFFFFFu, back = r >> 32;
+    if (front >= back) return false;
+    const uint64_t size = std::min(step, back - front);
+    t0 = from_front ? front : back - size;
+    t1 = t0 + size;
+    const uint64_t next = from_front ? t1 | (back << 32) : front | (t0 << 32);
+    if (share.compare_exchange_weak(r, next, std::memory_order_relaxed)) return true;
+  }
+}
+
+// Call run(n0, n1) over all n output rows in tiles of row_tile rows, over the thread pool. The
+// grain keeps at least ~1M multiply-adds per thread so small layers do not pay for waking
+// threads. Each thread starts on its own contiguous share of the tiles and walks it front to
+// back in chunks of ~256K multiply-adds (one weight stream per thread, as the hardware
+// prefetchers and the kernels' prefetches want); a thread that finishes early takes chunks
+// from the back of the others' shares. A static split left the second thread of a 2-core
+// decode waiting in libgomp ~15% of a token (the threads' speeds differ from moment to moment
+// on a shared machine); handing every chunk out from one shared counter instead interleaved
+// the threads' streams and was slower (BENCHMARKS.md, 2026-12-07).
 template <class Run>
 void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run& run) {
   const int64_t tiles = (n + row_tile - 1) / row_tile;
   const int64_t work_per_tile = std::max<int64_t>(1, macs_per_row * row_tile);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_tile);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) { run(t0 * row_tile, std::min(n, t1 * row_tile)); });
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (tiles + grain - 1) / grain);
+  if (threads <= 1) {
+    run(0, n);
+    return;
+  }
+  const uint64_t step = uint64_t(std::max<int64_t>(1, (int64_t(1) << 18) / work_per_tile));
+  std::vector<Share> shares(static_cast<size_t>(threads));
+  const int64_t per = (tiles + threads - 1) / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    const uint64_t front = uint64_t(std::min(tiles, t * per)), back = uint64_t(std::min(tiles, (t + 1) * per));
+    shares[size_t(t)].range.store(front | (back << 32), std::memory_order_relaxed);
+  }
+  auto rows = [&](uint64_t t0, uint64_t t1) { run(int64_t(t0) * row_tile, std::min(n, int64_t(t1) * row_tile)); };
+  at::parallel_for(0, threads, 1, [&](int64_t s0, int64_t s1) {
+    uint64_t t0, t1;
+    for (int64_t s = s0; s < s1; ++s)
+      while (take(shares[size_t(s)].range, step, true, t0, t1)) rows(t0, t1);
+    for (int64_t v = 1; v < threads; ++v)
+      while (take(shares[size_t((s0 + v) % threads)].range, step, false, t0, t1)) rows(t0, t1);
+  });
 }
 
 // Output rows unpacked at a time from the 5-trit format: one panel of the AVX-512 prefill kernel.

@@ -112,9 +112,16 @@ void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* 
   });
 }
 
+// Output rows unpacked at a time from the 5-trit format: one panel of the AVX-512 prefill kernel.
+constexpr int64_t kUnpackRows = 64;
+// parallel_rows hands out no fewer rows at a time: a call of the AVX-512 prefill kernel or of
+// the 5-trit unpacking with fewer would fill only part of a panel.
+constexpr int64_t kMinChunkRows = kUnpackRows;
+
 // One thread's share of a parallel_rows range, [front, back) in row tiles packed into one word
-// (front in the low 32 bits; a weight has far fewer than 2^32 tiles): its owner takes chunks from the front, a thread that has run out
-// of work takes them from the back. One cache line each, so owners never write a shared line.
+// (front in the low 32 bits; a weight has far fewer than 2^32 tiles): its owner takes chunks
+// from the front, a thread that has run out of work takes them from the back. One cache line
+// each, so owners never write a shared line.
 struct alignas(64) Share {
   std::atomic<uint64_t> range{0};
 };
@@ -137,9 +144,9 @@ bool take(std::atomic<uint64_t>& share, uint64_t step, bool from_front, uint64_t
 // Call run(n0, n1) over all n output rows in tiles of row_tile rows, over the thread pool. The
 // grain keeps at least ~1M multiply-adds per thread so small layers do not pay for waking
 // threads. Each thread starts on its own contiguous share of the tiles and walks it front to
-// back in chunks of ~256K multiply-adds (one weight stream per thread, as the hardware
-// prefetchers and the kernels' prefetches want); a thread that finishes early takes chunks
-// from the back of the others' shares. A static split left the second thread of a 2-core
+// back in chunks of ~256K multiply-adds and at least kMinChunkRows rows (one weight stream per
+// thread, as the hardware prefetchers and the kernels' prefetches want); a thread that
+// finishes early takes chunks from the back of the others' shares. A static split left the second thread of a 2-core
 // decode waiting in libgomp ~15% of a token (the threads' speeds differ from moment to moment
 // on a shared machine); handing every chunk out from one shared counter instead interleaved
 // the threads' streams and was slower (BENCHMARKS.md, 2026-12-07).
@@ -153,7 +160,8 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
     run(0, n);
     return;
   }
-  const uint64_t step = uint64_t(std::max<int64_t>(1, (int64_t(1) << 18) / work_per_tile));
+  const uint64_t step = uint64_t(
+      std::max({int64_t(1), (int64_t(1) << 18) / work_per_tile, (kMinChunkRows + row_tile - 1) / row_tile}));
   std::vector<Share> shares(static_cast<size_t>(threads));
   const int64_t per = (tiles + threads - 1) / threads;
   for (int64_t t = 0; t < threads; ++t) {
@@ -170,8 +178,6 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   });
 }
 
-// Output rows unpacked at a time from the 5-trit format: one panel of the AVX-512 prefill kernel.
-constexpr int64_t kUnpackRows = 64;
 
 // Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
 // token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows

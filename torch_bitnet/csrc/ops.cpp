@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -146,10 +145,10 @@ bool take(std::atomic<uint64_t>& share, uint64_t step, bool from_front, uint64_t
 // threads. Each thread starts on its own contiguous share of the tiles and walks it front to
 // back in chunks of ~256K multiply-adds and at least kMinChunkRows rows (one weight stream per
 // thread, as the hardware prefetchers and the kernels' prefetches want); a thread that
-// finishes early takes chunks from the back of the others' shares. A static split left the second thread of a 2-core
-// decode waiting in libgomp ~15% of a token (the threads' speeds differ from moment to moment
-// on a shared machine); handing every chunk out from one shared counter instead interleaved
-// the threads' streams and was slower (BENCHMARKS.md, 2026-12-07).
+// finishes early takes chunks from the back of the others' shares. A static split left the
+// second thread of a 2-core decode waiting in libgomp ~15% of a token (the threads' speeds
+// differ from moment to moment on a shared machine); handing every chunk out from one shared
+// counter instead interleaved the threads' streams and was slower (BENCHMARKS.md, 2026-12-07).
 template <class Run>
 void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run& run) {
   const int64_t tiles = (n + row_tile - 1) / row_tile;
@@ -177,7 +176,6 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
       while (take(shares[size_t((s0 + v) % threads)].range, step, false, t0, t1)) rows(t0, t1);
   });
 }
-
 
 // Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
 // token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows

@@ -120,7 +120,9 @@ def run_llama(llama_cpp: Path, gguf_path: Path, threads: int, args: argparse.Nam
     proc = subprocess.run(
         [str(tool(llama_cpp, "llama-bench")), "-m", str(gguf_path), "-p", str(args.prompt_len),
          "-n", str(args.new_tokens), "-t", str(threads), "-r", "1", "-o", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-bench failed (exit status {proc.returncode}):\n{proc.stderr[-2000:]}")
     tests = json.loads(proc.stdout)
     prompt = next(t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
     decode = next(t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)

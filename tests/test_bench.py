@@ -3,7 +3,9 @@ what users run; writing it takes minutes, so it is exercised by hand, see BENCHM
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,42 @@ def test_bench_errors_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "--threads", "0"])
     assert exc.value.code == 2
+
+
+def _llamacpp_script():
+    """benchmarks/bench_llamacpp.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("bench_llamacpp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llamacpp_comparison_checks_its_inputs(tmp_path):
+    script = _llamacpp_script()
+    with pytest.raises(SystemExit, match="--rounds"):
+        script.main(["--llama-cpp", str(tmp_path), "--rounds", "0"])
+    with pytest.raises(SystemExit, match="no convert_hf_to_gguf.py"):
+        script.main(["--llama-cpp", str(tmp_path), "--workdir", str(tmp_path / "work")])
+
+
+def test_llamacpp_comparison_reads_llama_bench(tmp_path):
+    """run_llama passes the sizes and threads to llama-bench and reads its JSON; a failing
+    llama-bench is an error that shows its stderr."""
+    tools = tmp_path / "build" / "bin"
+    tools.mkdir(parents=True)
+    fake = tools / "llama-bench"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path / "argv"}\n'
+        'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 20.5}, {"n_prompt": 0, "n_gen": 8, "avg_ts": 10.25}]\'\n'
+    )
+    fake.chmod(0o755)
+    script = _llamacpp_script()
+    args = script.parse_args(["--llama-cpp", str(tmp_path), "--prompt-len", "64", "--new-tokens", "8"])
+    assert script.run_llama(tmp_path, tmp_path / "m.gguf", 2, args) == {"prefill_tok_s": 20.5, "decode_tok_s": 10.25}
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[argv.index("-p") + 1] == "64" and argv[argv.index("-n") + 1] == "8" and argv[argv.index("-t") + 1] == "2"
+    fake.write_text("#!/bin/sh\necho 'failed to load model' >&2\nexit 3\n")
+    with pytest.raises(SystemExit, match="failed to load model"):
+        script.run_llama(tmp_path, tmp_path / "m.gguf", 1, args)

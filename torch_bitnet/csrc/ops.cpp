@@ -53,6 +53,8 @@ DType dtype_of(at::ScalarType t, const char* what) {
 
 DType dtype_of(const at::Tensor& t, const char* what) { return dtype_of(t.scalar_type(), what); }
 
+int64_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
 void check_sizes(int64_t in_features, int64_t out_features) {
   TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1,
                     "bitnet: in_features and out_features must be >= 1, got in_features=", in_features,
@@ -98,14 +100,11 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// Quantize a contiguous (M, K) float matrix into xq (M, Kp) with scales a and row sums,
-// normalising each row first if norm is non-null.
-void quantize_parallel(const at::Tensor& x2d, int64_t k, int64_t k_pad, int8_t* xq, float* a, int32_t* xsum,
-                       const RowNorm* norm = nullptr) {
+// Quantize m contiguous rows of k values of dtype dt into xq (m, Kp) with scales a and row
+// sums, normalising each row first if norm is non-null.
+void quantize_parallel(const void* src, DType dt, int64_t m, int64_t k, int64_t k_pad, int8_t* xq, float* a,
+                       int32_t* xsum, const RowNorm* norm = nullptr) {
   const Kernels& kern = kernels();
-  const DType dt = dtype_of(x2d, "input");
-  const void* src = x2d.data_ptr();
-  const int64_t m = x2d.size(0);
   at::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 16) / k), [&](int64_t m0, int64_t m1) {
     quantize_rows(kern, src, dt, k, m0, m1, k, k_pad, xq, k_pad, a, xsum, norm);
   });
@@ -192,7 +191,7 @@ void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
   const int64_t ld2 = k_pad2 / 4;
   if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
   uint8_t* rows2 = buffer.data();
-  const size_t elem = p.ep.out_dtype == DType::F32 ? 4 : 2;
+  const int64_t elem = dtype_size(p.ep.out_dtype);
   for (int64_t n = n0; n < n1; n += kUnpackRows) {
     const int64_t rows = std::min(kUnpackRows, n1 - n);
     kern.unpack5(p.w + n * p.ldw, p.k_pad, rows, rows2, k_pad2);
@@ -201,7 +200,7 @@ void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
     q.ldw = ld2;
     q.k_pad = k_pad2;
     if (q.ep.acc) q.ep.acc += n;
-    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * int64_t(elem);
+    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * elem;
     if (q.ep.bias) q.ep.bias += n;
     kern.gemm(q, 0, rows);
   }
@@ -273,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_cpu(const at::Tensor& x) {
   const int64_t k = x.size(-1);
   if (x.numel() == 0) return {xq, a};
   const auto x2d = x.contiguous().view({-1, k});
-  quantize_parallel(x2d, k, k, xq.data_ptr<int8_t>(), a.data_ptr<float>(), nullptr);
+  quantize_parallel(x2d.data_ptr(), dtype_of(x2d, "input"), x2d.size(0), k, k, xq.data_ptr<int8_t>(),
+                    a.data_ptr<float>(), nullptr);
   return {xq, a};
 }
 
@@ -331,31 +331,46 @@ struct QuantizedInput {
   int64_t k_pad = 0;
 };
 
-QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, int64_t k_pad,
-                              const at::Tensor& norm_weight = at::Tensor(), double norm_eps = 0.0) {
+// Bytes of a QuantizedInput's buffer for m rows padded to k_pad.
+int64_t quantized_bytes(int64_t m, int64_t k_pad) { return (m * k_pad + 63) / 64 * 64 + 8 * m + 64; }
+
+// m contiguous rows of x (dtype dt, in_features each), normalised by norm_weight (of dt, or
+// null) and quantized into buffer (quantized_bytes(m, k_pad) bytes, 64-byte aligned).
+QuantizedInput quantize_rows_into(const void* x, DType dt, int64_t m, int64_t in_features, int64_t k_pad,
+                                  const void* norm_weight, double norm_eps, uint8_t* buffer) {
   QuantizedInput q;
-  q.m = x.numel() / in_features;
+  q.m = m;
   q.k_pad = k_pad;
-  q.scratch = at::empty({q.m * q.k_pad + 8 * q.m + 64}, x.options().dtype(at::kByte));
-  q.xq = reinterpret_cast<int8_t*>(q.scratch.data_ptr<uint8_t>());
-  q.a = reinterpret_cast<float*>(q.xq + (q.m * q.k_pad + 63) / 64 * 64);
-  q.xsum = reinterpret_cast<int32_t*>(q.a + q.m);
+  q.xq = reinterpret_cast<int8_t*>(buffer);
+  q.a = reinterpret_cast<float*>(q.xq + (m * k_pad + 63) / 64 * 64);
+  q.xsum = reinterpret_cast<int32_t*>(q.a + m);
   RowNorm norm;
-  if (norm_weight.defined()) {
+  if (norm_weight) {
     TORCH_CHECK_VALUE(norm_eps >= 0, "bitnet: norm_eps must be >= 0, got ", norm_eps);
-    norm.weight = norm_weight.data_ptr();
+    norm.weight = norm_weight;
     norm.eps = float(norm_eps);
   }
-  quantize_parallel(x.contiguous().view({q.m, in_features}), in_features, q.k_pad, q.xq, q.a, q.xsum,
-                    norm_weight.defined() ? &norm : nullptr);
+  quantize_parallel(x, dt, m, in_features, k_pad, q.xq, q.a, q.xsum, norm_weight ? &norm : nullptr);
   return q;
 }
 
-// outs[i] (M, out_features[i]) of its dtype = the ternary product of the quantized input
+QuantizedInput quantize_input(const at::Tensor& x, int64_t in_features, int64_t k_pad,
+                              const at::Tensor& norm_weight = at::Tensor(), double norm_eps = 0.0) {
+  const int64_t m = x.numel() / in_features;
+  const at::Tensor scratch = at::empty({quantized_bytes(m, k_pad)}, x.options().dtype(at::kByte));
+  const at::Tensor xc = x.contiguous();
+  QuantizedInput q = quantize_rows_into(xc.data_ptr(), dtype_of(x, "input"), m, in_features, k_pad,
+                                        norm_weight.defined() ? norm_weight.data_ptr() : nullptr, norm_eps,
+                                        scratch.data_ptr<uint8_t>());
+  q.scratch = scratch;
+  return q;
+}
+
+// outs[i] (M, out_features[i]) of dtype out_dt = the ternary product of the quantized input
 // with packed[i], times scales[i] / a_m, plus bias (float32 or undefined; first weight only):
 // every product in one parallel region.
 void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList scales, const at::Tensor& bias,
-                  std::vector<at::Tensor>& outs, int64_t in_features, at::IntArrayRef out_features) {
+                  const std::vector<void*>& outs, DType out_dt, int64_t in_features, at::IntArrayRef out_features) {
   const size_t n = packed.size();
   std::vector<float> factors(n * size_t(q.m));  // (n, M): scale_i / a_m
   std::vector<at::Tensor> weights(n);
@@ -367,8 +382,8 @@ void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList
     for (int64_t m = 0; m < q.m; ++m) factors[i * q.m + m] = s / q.a[m];
     weights[i] = packed[i].contiguous();
     Epilogue ep;
-    ep.out = outs[i].data_ptr();
-    ep.out_dtype = dtype_of(outs[i], "output");
+    ep.out = outs[i];
+    ep.out_dtype = out_dt;
     ep.row_factor = factors.data() + i * q.m;
     ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
     ep.ld = out_features[i];
@@ -390,8 +405,7 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
   const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
-  std::vector<at::Tensor> outs{out};
-  ternary_into(q, packed, scale, bias_f, outs, in_features, out_features);
+  ternary_into(q, packed, scale, bias_f, {out.data_ptr()}, dtype_of(out, "output"), in_features, out_features);
   return out;
 }
 
@@ -416,8 +430,24 @@ std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList
   for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
   if (x.numel() == 0) return outs;
   const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
-  ternary_into(q, packed, scales, at::Tensor(), outs, in_features, out_features);
+  std::vector<void*> ptrs;
+  for (const at::Tensor& o : outs) ptrs.push_back(o.data_ptr());
+  ternary_into(q, packed, scales, at::Tensor(), ptrs, dtype_of(x, "output"), in_features, out_features);
   return outs;
+}
+
+// g (M, N) of dtype dt = relu(gate(x))^2 * up(x) from the quantized input, u (M, N) scratch.
+void relu2_glu_into(const QuantizedInput& q, const at::Tensor& gate, const at::Tensor& gate_scale, const at::Tensor& up,
+                    const at::Tensor& up_scale, int64_t in_features, int64_t out_features, DType dt, void* g,
+                    void* u) {
+  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), {g, u}, dt, in_features,
+               {out_features, out_features});
+  const int64_t elem = dtype_size(dt);
+  char* gp = static_cast<char*>(g);
+  const char* up_p = static_cast<const char*>(u);
+  at::parallel_for(0, q.m * out_features, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    kernels().relu2_gate(gp + i0 * elem, up_p + i0 * elem, dt, i1 - i0);
+  });
 }
 
 // BitNet's MLP input side: relu(gate(x))^2 * up(x) with x (optionally normalised) quantized once.
@@ -436,15 +466,8 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
   const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
-  std::vector<at::Tensor> gu{out, at::empty_like(out)};  // gate (gated in place), up
-  ternary_into(q, {gate, up}, {gate_scale, up_scale}, at::Tensor(), gu, in_features, {out_features, out_features});
-  const at::Tensor& u = gu[1];
-  const int64_t elem = out.element_size();
-  char* g = static_cast<char*>(out.data_ptr());
-  const char* up_p = static_cast<const char*>(u.data_ptr());
-  at::parallel_for(0, out.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
-    kernels().relu2_gate(g + i0 * elem, up_p + i0 * elem, dt, i1 - i0);
-  });
+  const at::Tensor up_out = at::empty_like(out);
+  relu2_glu_into(q, gate, gate_scale, up, up_scale, in_features, out_features, dt, out.data_ptr(), up_out.data_ptr());
   return out;
 }
 
@@ -687,6 +710,39 @@ std::vector<int64_t> check_positions(const at::Tensor& positions, int64_t count,
   return out;
 }
 
+// Where the d values of vector (batch bi, head hi, token i) of some (B, H, Q, D) keys or values
+// start: element bi * sb + hi * sh + i * si of data (dtype dt).
+struct VectorLayout {
+  const void* data;
+  DType dt;
+  int64_t sb, sh, si;
+};
+
+// Quantize the new keys / values (B, H, Q, D) into rows pos[i] of the checked caches.
+void kv_write_into(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_cache, at::Tensor& v_scale,
+                   const VectorLayout& k, const VectorLayout& v, int64_t b, int64_t h, int64_t n, int64_t d,
+                   const std::vector<int64_t>& pos) {
+  const Kernels& kern = kernels();
+  const int64_t len = k_cache.size(2), k_elem = dtype_size(k.dt), v_elem = dtype_size(v.dt);
+  const char* kp = static_cast<const char*>(k.data);
+  const char* vp = static_cast<const char*>(v.data);
+  int8_t* const kq = k_cache.data_ptr<int8_t>();
+  int8_t* const vq = v_cache.data_ptr<int8_t>();
+  float* const ks = k_scale.data_ptr<float>();
+  float* const vs = v_scale.data_ptr<float>();
+  // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each. A decode step's few
+  // vectors (2B-4T: 5 x 128 values each for keys and values) are quantized by one thread.
+  const int64_t heads_per_thread = std::max<int64_t>(1, kAttentionMinParallelWork / std::max<int64_t>(1, n * d));
+  at::parallel_for(0, b * h, heads_per_thread, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t bi = r / h, hi = r % h, dst = r * len + pos[size_t(i)];
+        kern.kv_quantize(kp + (bi * k.sb + hi * k.sh + i * k.si) * k_elem, k.dt, d, kq + dst * d, ks + dst);
+        kern.kv_quantize(vp + (bi * v.sb + hi * v.sh + i * v.si) * v_elem, v.dt, d, vq + dst * d, vs + dst);
+      }
+  });
+}
+
 void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_cache, at::Tensor& v_scale,
                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions) {
   check_cache(k_cache, k_scale, "key cache");
@@ -702,29 +758,14 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_
                       k_cache.size(1), ", Q, ", k_cache.size(3), "] for the cache");
   }
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "bitnet: new keys ", k.sizes(), " and values ", v.sizes(), " differ");
-  const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3), len = k_cache.size(2);
-  const auto pos = check_positions(positions, n, len);
+  const int64_t b = k.size(0), h = k.size(1), n = k.size(2), d = k.size(3);
+  const auto pos = check_positions(positions, n, k_cache.size(2));
   // Read in their own dtype by the kernel: a whole-tensor .to(float) would be two more
   // dispatcher calls and copies per layer and decode step.
-  const Kernels& kern = kernels();
   const auto kc = k.contiguous(), vc = v.contiguous();
-  const DType kdt = dtype_of(kc, "new keys"), vdt = dtype_of(vc, "new values");
-  const char* kp = static_cast<const char*>(kc.data_ptr());
-  const char* vp = static_cast<const char*>(vc.data_ptr());
-  const int64_t k_elem = kc.element_size(), v_elem = vc.element_size();
-  // (b, h, i) -> row pos[i] of cache (b, h): one quantized vector each. A decode step's few
-  // vectors (2B-4T: 5 x 128 values each for keys and values) are quantized by one thread.
-  const int64_t heads_per_thread = std::max<int64_t>(1, kAttentionMinParallelWork / std::max<int64_t>(1, n * d));
-  at::parallel_for(0, b * h, heads_per_thread, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t src = (r * n + i) * d, dst = r * len + pos[size_t(i)];
-        kern.kv_quantize(kp + src * k_elem, kdt, d, k_cache.data_ptr<int8_t>() + dst * d,
-                         k_scale.data_ptr<float>() + dst);
-        kern.kv_quantize(vp + src * v_elem, vdt, d, v_cache.data_ptr<int8_t>() + dst * d,
-                         v_scale.data_ptr<float>() + dst);
-      }
-  });
+  const VectorLayout lk{kc.data_ptr(), dtype_of(kc, "new keys"), h * n * d, n * d, d};
+  const VectorLayout lv{vc.data_ptr(), dtype_of(vc, "new values"), h * n * d, n * d, d};
+  kv_write_into(k_cache, k_scale, v_cache, v_scale, lk, lv, b, h, n, d, pos);
 }
 
 // The optional attention mask as a contiguous bool (batch, Q, Lm) tensor, Lm in (max(pos), max_len];
@@ -745,29 +786,14 @@ at::Tensor check_mask(const at::Tensor& mask, int64_t b, int64_t n, int64_t len,
   return m.contiguous();
 }
 
-at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_scale,
-                              const at::Tensor& v_cache, const at::Tensor& v_scale, const at::Tensor& positions,
-                              double scale, const std::optional<at::Tensor>& mask) {
-  check_cpu(q, "queries");
-  dtype_of(q, "queries");
-  check_cache(k_cache, k_scale, "key cache");
-  check_cache(v_cache, v_scale, "value cache");
-  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "bitnet: key cache ", k_cache.sizes(),
-                    " and value cache ", v_cache.sizes(), " differ in shape");
-  TORCH_CHECK_VALUE(q.dim() == 4, "bitnet: queries must be (batch, heads, Q, head_dim), got shape ", q.sizes());
-  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+// out (B, H, Q, D) float32 = attention of the float32 queries qf (B, H, Q, D) over the checked
+// int8 caches at positions pos, with the optional mask (batch, Q, mask_len) bytes.
+// int16_products: the queries came from a 16-bit float (AttentionProblem::int16_products).
+void attention_into(const float* qf, int64_t b, int64_t h, int64_t n, int64_t d, const at::Tensor& k_cache,
+                    const at::Tensor& k_scale, const at::Tensor& v_cache, const at::Tensor& v_scale,
+                    const std::vector<int64_t>& pos, double scale, const uint8_t* mask_data, int64_t mask_len,
+                    bool int16_products, float* out_data) {
   const int64_t kvh = k_cache.size(1), len = k_cache.size(2);
-  TORCH_CHECK_VALUE(b == k_cache.size(0), "bitnet: queries have batch ", b, ", the cache ", k_cache.size(0));
-  TORCH_CHECK_VALUE(d == k_cache.size(3), "bitnet: queries have head_dim ", d, ", the cache ", k_cache.size(3));
-  TORCH_CHECK_VALUE(h % kvh == 0, "bitnet: ", h, " query heads are not a multiple of ", kvh, " kv heads");
-  const auto pos = check_positions(positions, n, len);
-  const at::Tensor mk = mask ? check_mask(*mask, b, n, len, pos) : at::Tensor();
-  // (batch, Q, Lm) bytes, bool stored as 0 / 1.
-  const uint8_t* mask_data = mk.defined() ? reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>()) : nullptr;
-  const int64_t mask_len = mk.defined() ? mk.size(2) : 0;
-  const auto qf = q.to(at::kFloat).contiguous();
-  auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out.to(q.scalar_type());
   // Work unit: one (batch, kv head) with its rows = G query heads x Q queries, which in q's
   // (batch, heads, Q, head_dim) layout are contiguous (G * Q, head_dim) rows, as in out.
   const int64_t units = b * kvh, rows = (h / kvh) * n;
@@ -790,11 +816,10 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   // (with one part they accumulate in out directly and are normalised in place).
   std::vector<float> m_state(size_t(units * parts * rows)), l_state(m_state.size());
   std::vector<float> acc_state(parts > 1 ? m_state.size() * size_t(d) : 0);
-  float* const out_data = out.data_ptr<float>();
   const Kernels& kern = kernels();
   auto problem = [&](int64_t u) {
     AttentionProblem p;
-    p.q = qf.data_ptr<float>() + u * rows * d;
+    p.q = qf + u * rows * d;
     p.nq = n;
     p.d = d;
     p.scale = float(scale);
@@ -805,7 +830,7 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
     p.k_scale = k_scale.data_ptr<float>() + u * len;
     p.v = v_cache.data_ptr<int8_t>() + u * len * d;
     p.v_scale = v_scale.data_ptr<float>() + u * len;
-    p.int16_products = q.scalar_type() != at::kFloat;
+    p.int16_products = int16_products;
     return p;
   };
   // Tasks (unit, row range, part) differ in cost (causal rows see different lengths): each
@@ -836,6 +861,33 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
                         out_data + i * d);
       }
     });
+}
+
+at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_scale,
+                              const at::Tensor& v_cache, const at::Tensor& v_scale, const at::Tensor& positions,
+                              double scale, const std::optional<at::Tensor>& mask) {
+  check_cpu(q, "queries");
+  dtype_of(q, "queries");
+  check_cache(k_cache, k_scale, "key cache");
+  check_cache(v_cache, v_scale, "value cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "bitnet: key cache ", k_cache.sizes(),
+                    " and value cache ", v_cache.sizes(), " differ in shape");
+  TORCH_CHECK_VALUE(q.dim() == 4, "bitnet: queries must be (batch, heads, Q, head_dim), got shape ", q.sizes());
+  const int64_t b = q.size(0), h = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t kvh = k_cache.size(1), len = k_cache.size(2);
+  TORCH_CHECK_VALUE(b == k_cache.size(0), "bitnet: queries have batch ", b, ", the cache ", k_cache.size(0));
+  TORCH_CHECK_VALUE(d == k_cache.size(3), "bitnet: queries have head_dim ", d, ", the cache ", k_cache.size(3));
+  TORCH_CHECK_VALUE(h % kvh == 0, "bitnet: ", h, " query heads are not a multiple of ", kvh, " kv heads");
+  const auto pos = check_positions(positions, n, len);
+  const at::Tensor mk = mask ? check_mask(*mask, b, n, len, pos) : at::Tensor();
+  // (batch, Q, Lm) bytes, bool stored as 0 / 1.
+  const uint8_t* mask_data = mk.defined() ? reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>()) : nullptr;
+  const int64_t mask_len = mk.defined() ? mk.size(2) : 0;
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({b, h, n, d}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out.to(q.scalar_type());
+  attention_into(qf.data_ptr<float>(), b, h, n, d, k_cache, k_scale, v_cache, v_scale, pos, scale, mask_data,
+                 mask_len, q.scalar_type() != at::kFloat, out.data_ptr<float>());
   return out.to(q.scalar_type());
 }
 
@@ -845,15 +897,14 @@ at::Tensor int8_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
 // elements per token, into out (B, heads, Q, D) contiguous, with cos / sin (B, Q, D) of dt:
 // out = x * cos + cat(-x[D/2:], x[:D/2]) * sin, both products and the sum rounded to dt, as
 // eager PyTorch computes it in dt (and inductor with emulate_precision_casts).
-void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t d,
-               at::Tensor& out) {
+void rope_into(const void* x, int64_t ld_x, DType dt, int64_t b, int64_t q, const void* cos, const void* sin,
+               int64_t heads, int64_t d, void* out) {
   const Kernels& kern = kernels();
-  const DType dt = dtype_of(x, "rope input");
-  const int64_t b = x.size(0), q = x.size(1), ld_x = x.size(2), elem = x.element_size();
-  const char* xp = static_cast<const char*>(x.data_ptr());
-  const char* cp = static_cast<const char*>(cos.data_ptr());
-  const char* sp = static_cast<const char*>(sin.data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
+  const int64_t elem = dtype_size(dt);
+  const char* xp = static_cast<const char*>(x);
+  const char* cp = static_cast<const char*>(cos);
+  const char* sp = static_cast<const char*>(sin);
+  char* op = static_cast<char*>(out);
   at::parallel_for(0, b * q, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, heads * d)),
                    [&](int64_t t0, int64_t t1) {
     std::vector<float> cs(static_cast<size_t>(d)), ss(static_cast<size_t>(d));
@@ -868,11 +919,33 @@ void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
   });
 }
 
+// out[i] = a[i] + b[i] over n values of dtype dt, the sum in float32 rounded once to dt: what
+// at::add computes for these dtypes (the residual adds of a layer).
+void add_into(const void* a, const void* b, DType dt, int64_t n, void* out) {
+  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    if (dt == DType::F32) {
+      const float* x = static_cast<const float*>(a);
+      const float* y = static_cast<const float*>(b);
+      float* o = static_cast<float*>(out);
+      for (int64_t i = i0; i < i1; ++i) o[i] = x[i] + y[i];
+      return;
+    }
+    const uint16_t* x = static_cast<const uint16_t*>(a);
+    const uint16_t* y = static_cast<const uint16_t*>(b);
+    uint16_t* o = static_cast<uint16_t*>(out);
+    if (dt == DType::BF16)
+      for (int64_t i = i0; i < i1; ++i) o[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(y[i]));
+    else
+      for (int64_t i = i0; i < i1; ++i) o[i] = float_to_f16(f16_to_float(x[i]) + f16_to_float(y[i]));
+  });
+}
+
 // x (B, Q, hidden) -> the layer's output (B, Q, hidden), writing the Q new keys / values into
 // the int8 cache at `positions`. packed / scales: q, k, v, o, gate, up, down; norms / eps:
 // input_layernorm, attn_sub_norm, post_attention_layernorm, ffn_sub_norm. The steps and their
-// roundings are those of torch_bitnet.fuse's layer forward over the separate ops; one call
-// instead of ten op and kernel calls per layer and token (see reference.decoder_layer).
+// roundings are those of torch_bitnet.fuse's layer forward over the separate ops (the same
+// kernels, in the same order, on raw buffers); one call instead of ten op and kernel calls per
+// layer and token (see reference.decoder_layer).
 at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList scales, at::TensorList norms,
                              at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
                              at::Tensor& k_cache, at::Tensor& k_scale, at::Tensor& v_cache, at::Tensor& v_scale,
@@ -884,14 +957,18 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
                     "(input, attention sub-norm, post-attention, ffn sub-norm), got ", norms.size(), " and ",
                     eps.size());
   check_cpu(x, "decoder_layer input");
-  dtype_of(x, "decoder_layer input");
+  const DType dt = dtype_of(x, "decoder_layer input");
   TORCH_CHECK_VALUE(x.dim() == 3, "bitnet: decoder_layer input must be (batch, Q, hidden), got shape ", x.sizes());
   check_cache(k_cache, k_scale, "key cache");
+  check_cache(v_cache, v_scale, "value cache");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "bitnet: key cache ", k_cache.sizes(),
+                    " and value cache ", v_cache.sizes(), " differ in shape");
   const int64_t b = x.size(0), q = x.size(1), hidden = x.size(2);
-  const int64_t kvh = k_cache.size(1), d = k_cache.size(3);
+  const int64_t kvh = k_cache.size(1), len = k_cache.size(2), d = k_cache.size(3);
   TORCH_CHECK_VALUE(num_heads > 0 && num_heads % kvh == 0, "bitnet: ", num_heads,
                     " query heads are not a positive multiple of ", kvh, " kv heads");
   TORCH_CHECK_VALUE(d % 2 == 0, "bitnet: head_dim must be even for the rotary embedding, got ", d);
+  TORCH_CHECK_VALUE(b == k_cache.size(0), "bitnet: the input has batch ", b, ", the cache ", k_cache.size(0));
   for (const at::Tensor* t : {&cos, &sin}) {
     check_cpu(*t, "cos / sin");
     TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "bitnet: cos / sin must have the input's dtype ",
@@ -899,27 +976,92 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
     TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == b && t->size(1) == q && t->size(2) == d,
                       "bitnet: cos / sin have shape ", t->sizes(), ", expected [", b, ", ", q, ", ", d, "]");
   }
-  const int64_t hd = num_heads * d, kvd = kvh * d;
+  const int64_t hd = num_heads * d, kvd = kvh * d, inter = intermediate_size;
+  // (in, out) of q, k, v, o, gate, up, down, and which input each quantization reads
+  const int64_t ins[7] = {hidden, hidden, hidden, hd, hidden, hidden, inter};
+  const int64_t outs[7] = {hd, kvd, kvd, hidden, inter, inter, hidden};
+  bool trit5[7];
+  for (int i = 0; i < 7; ++i) {
+    check_sizes(ins[i], outs[i]);
+    trit5[i] = check_packed(packed[i], ins[i], outs[i]);
+    check_scale(scales[i], "weight scale");
+  }
+  at::Tensor norm_w[4];
+  const int64_t norm_in[4] = {hidden, hd, hidden, inter};
+  for (int i = 0; i < 4; ++i) norm_w[i] = norm_weight_of(norms[i], x, norm_in[i]);
+  const auto pos = check_positions(positions, q, len);
+  const at::Tensor mk = mask ? check_mask(*mask, b, q, len, pos) : at::Tensor();
+  auto out = at::empty(x.sizes(), x.options());
+  const int64_t m = b * q;
+  if (m == 0) return out;
+  const auto xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t elem = dtype_size(dt);
+  // K padded for each quantized input: q/k/v share one, gate/up another.
+  const int64_t kp_qkv = pad_k_for(hidden, trit5[0] || trit5[1] || trit5[2]), kp_o = pad_k_for(hd, trit5[3]);
+  const int64_t kp_gu = pad_k_for(hidden, trit5[4] || trit5[5]), kp_down = pad_k_for(inter, trit5[6]);
+  // The intermediates, in one allocation (a dozen tensors cost ~1 us of allocator and dispatcher
+  // each, 30 layers per decode token, on the thread the others wait for), 64-byte aligned:
+  // the quantized input (reused by all four quantizations), h = x + attention (kept to the
+  // end), then the attention's buffers, and over the same bytes the MLP's.
+  auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t o_h = aligned(quantized_bytes(m, std::max({kp_qkv, kp_o, kp_gu, kp_down})));
+  const int64_t o_qkv = o_h + aligned(m * hidden * elem);  // q (M, hd), k (M, kvd), v (M, kvd)
+  const int64_t o_qrot = o_qkv + aligned(m * (hd + 2 * kvd) * elem);  // (B, H, Q, D)
+  const int64_t o_krot = o_qrot + aligned(m * hd * elem);              // (B, KVH, Q, D)
+  const int64_t o_qf = o_krot + aligned(m * kvd * elem);               // float (B, H, Q, D)
+  const int64_t o_att = o_qf + aligned(m * hd * 4);                    // float (B, H, Q, D)
+  const int64_t o_att_in = o_att + aligned(m * hd * 4);                // (B, Q, H * D): o_proj's input
+  const int64_t o_o = o_att_in + aligned(m * hd * elem);               // (M, hidden)
+  const int64_t o_gate = o_qkv, o_up = o_gate + aligned(m * inter * elem);  // (M, inter) each
+  const int64_t o_down = o_up + aligned(m * inter * elem);                  // (M, hidden)
+  const int64_t bytes = std::max(o_o + aligned(m * hidden * elem), o_down + aligned(m * hidden * elem));
+  const at::Tensor workspace = at::empty({bytes + 64}, x.options().dtype(at::kByte));
+  char* const base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(workspace.data_ptr()) + 63) / 64 * 64);
+  uint8_t* const xq_buf = reinterpret_cast<uint8_t*>(base);
+  void* const h = base + o_h;
+  char* const qo = base + o_qkv;
+  char* const ko = qo + m * hd * elem;
+  char* const vo = ko + m * kvd * elem;
+  char* const q_rot = base + o_qrot;
+  char* const k_rot = base + o_krot;
+
   // Attention: q, k, v (B, Q, heads * D) from the normalised input, quantized once.
-  const auto qkv = bitlinear_shared_cpu(x, packed.slice(0, 3), scales.slice(0, 3), hidden, {hd, kvd, kvd}, norms[0],
-                                        eps[0]);
-  auto q_rot = at::empty({b, num_heads, q, d}, x.options());
-  auto k_rot = at::empty({b, kvh, q, d}, x.options());
-  const auto cc = cos.contiguous(), sc = sin.contiguous();
-  rope_into(qkv[0], cc, sc, num_heads, d, q_rot);
-  rope_into(qkv[1], cc, sc, kvh, d, k_rot);
-  kv_cache_write_cpu(k_cache, k_scale, v_cache, v_scale, k_rot, qkv[2].view({b, q, kvh, d}).transpose(1, 2),
-                     positions);
-  const auto attn = int8_attention_cpu(q_rot, k_cache, k_scale, v_cache, v_scale, positions, scaling, mask);
-  // (B, H, Q, D) -> (B, Q, H * D)
-  const auto o = bitlinear_cpu(attn.transpose(1, 2).reshape({b, q, hd}), packed[3], scales[3], std::nullopt, hd,
-                               hidden, norms[1], eps[1]);
-  const auto h = at::add(x, o);
+  QuantizedInput qi = quantize_rows_into(xc.data_ptr(), dt, m, hidden, kp_qkv, norm_w[0].data_ptr(), eps[0], xq_buf);
+  ternary_into(qi, packed.slice(0, 3), scales.slice(0, 3), at::Tensor(), {qo, ko, vo}, dt, hidden, {hd, kvd, kvd});
+  rope_into(qo, hd, dt, b, q, cc.data_ptr(), sc.data_ptr(), num_heads, d, q_rot);
+  rope_into(ko, kvd, dt, b, q, cc.data_ptr(), sc.data_ptr(), kvh, d, k_rot);
+  // keys (B, KVH, Q, D) from the rotation; values straight from v's (B, Q, KVH, D) rows
+  const VectorLayout lk{k_rot, dt, kvh * q * d, q * d, d};
+  const VectorLayout lv{vo, dt, q * kvd, d, kvd};
+  kv_write_into(k_cache, k_scale, v_cache, v_scale, lk, lv, b, kvh, q, d, pos);
+  float* const qf = reinterpret_cast<float*>(base + o_qf);
+  float* const att = reinterpret_cast<float*>(base + o_att);
+  to_float(q_rot, dt, m * hd, qf);
+  attention_into(qf, b, num_heads, q, d, k_cache, k_scale, v_cache, v_scale, pos, scaling,
+                 mk.defined() ? reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>()) : nullptr,
+                 mk.defined() ? mk.size(2) : 0, dt != DType::F32, att);
+  // (B, H, Q, D) float -> (B, Q, H * D) in dt: the attention output's rounding, then o_proj's layout
+  char* const att_in = base + o_att_in;
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t hi = 0; hi < num_heads; ++hi)
+      for (int64_t t = 0; t < q; ++t) {
+        const float* src = att + ((bi * num_heads + hi) * q + t) * d;
+        char* dst = att_in + ((bi * q + t) * hd + hi * d) * elem;
+        for (int64_t j = 0; j < d; ++j) store_float(dst, dt, j, src[j]);
+      }
+  qi = quantize_rows_into(att_in, dt, m, hd, kp_o, norm_w[1].data_ptr(), eps[1], xq_buf);
+  void* const o = base + o_o;
+  ternary_into(qi, packed.slice(3, 1), scales.slice(3, 1), at::Tensor(), {o}, dt, hd, {hidden});
+  add_into(xc.data_ptr(), o, dt, m * hidden, h);
   // MLP: down(ffn_sub_norm(relu(gate(n))^2 * up(n))), n = post_attention_layernorm(h).
-  const auto gated = bitlinear_relu2_glu_cpu(h, packed[4], scales[4], packed[5], scales[5], hidden,
-                                             intermediate_size, norms[2], eps[2]);
-  return at::add(h, bitlinear_cpu(gated, packed[6], scales[6], std::nullopt, intermediate_size, hidden, norms[3],
-                                  eps[3]));
+  qi = quantize_rows_into(h, dt, m, hidden, kp_gu, norm_w[2].data_ptr(), eps[2], xq_buf);
+  void* const gate = base + o_gate;
+  relu2_glu_into(qi, packed[4], scales[4], packed[5], scales[5], hidden, inter, dt, gate, base + o_up);
+  qi = quantize_rows_into(gate, dt, m, inter, kp_down, norm_w[3].data_ptr(), eps[3], xq_buf);
+  void* const down = base + o_down;
+  ternary_into(qi, packed.slice(6, 1), scales.slice(6, 1), at::Tensor(), {down}, dt, inter, {hidden});
+  add_into(h, down, dt, m * hidden, out.data_ptr());
+  return out;
 }
 
 std::vector<std::string> supported_isas_op() { return supported_isa_names(); }

@@ -31,7 +31,7 @@ from torch_bitnet.bench import cpu_model
 from torch_bitnet.packing import pack_ternary
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="activations (default bf16)")
     p.add_argument("--calls", type=int, default=2000, help="calls per round (default 2000)")
     p.add_argument("--rounds", type=int, default=7, help="rounds per variant, alternating (default 7)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.hidden % args.heads or (args.hidden // args.heads) % 2 or args.heads % args.kv_heads:
         p.error("--hidden must split into --heads heads of even size, and --heads into --kv-heads groups")
     if min(args.threads, args.context, args.calls, args.rounds, args.intermediate) < 1:
@@ -88,8 +88,8 @@ def make_layer(args: argparse.Namespace):
     return op_args, separate
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     op_args, separate = make_layer(args)
     layer = torch.ops.bitnet.decoder_layer.default

@@ -63,13 +63,17 @@ def test_bench_errors_are_usage_errors(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def _llamacpp_script():
-    """benchmarks/bench_llamacpp.py as a module (it is a script, not part of the package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_llamacpp.py"
-    spec = importlib.util.spec_from_file_location("bench_llamacpp", path)
+def _script(name: str):
+    """benchmarks/<name>.py as a module (a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _llamacpp_script():
+    return _script("bench_llamacpp")
 
 
 def test_llamacpp_comparison_checks_its_inputs(tmp_path):
@@ -100,3 +104,25 @@ def test_llamacpp_comparison_reads_llama_bench(tmp_path):
     fake.write_text("#!/bin/sh\necho 'failed to load model' >&2\nexit 3\n")
     with pytest.raises(SystemExit, match="failed to load model"):
         script.run_llama(tmp_path, tmp_path / "m.gguf", 1, args)
+
+
+def test_layer_call_baseline_computes_the_same_layer():
+    """bench_layer_call.py times the op against the separate ops: both must compute the same
+    layer (output and cache write), or the comparison would mean nothing."""
+    script = _script("bench_layer_call")
+    args = script.parse_args(["--hidden", "64", "--heads", "2", "--intermediate", "96", "--context", "3"])
+    op_args, separate = script.make_layer(args)
+    caches = op_args[7:11]
+    with torch.inference_mode():
+        expected = separate()
+        written = [c.clone() for c in caches]
+        for c in caches:
+            c.zero_()  # the op must write the token's keys and values itself
+        for c, w in zip(caches, written):
+            c[:, :, :3] = w[:, :, :3]
+        got = torch.ops.bitnet.decoder_layer.default(*op_args)
+    assert torch.equal(got, expected)
+    for c, w in zip(caches, written):
+        assert torch.equal(c, w)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--hidden", "65"])

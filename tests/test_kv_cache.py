@@ -26,11 +26,13 @@ from torch_bitnet import checkpoints, reference
 from torch_bitnet.generate import DecodeSession, generate, prefill
 from torch_bitnet.kv_cache import (
     ATTENTION,
+    ATTENTION_INT8,
     FloatDynamicLayer,
     FloatStaticLayer,
     Int8DynamicLayer,
     Int8KV,
     Int8StaticLayer,
+    _int8_cache_mask,
     attention,
     cache_argument,
     convert_cache,
@@ -223,6 +225,38 @@ def test_prefill_attention_over_the_visible_keys_only_is_the_same():
 # ---------------------------------------------------------------------------------------------
 # The knob
 # ---------------------------------------------------------------------------------------------
+
+
+def test_int8_cache_mask_is_only_for_padding():
+    """"torch_bitnet_int8" masks: none for plain causal attention (the int8 op applies it from
+    the positions), sdpa's boolean mask when there is padding or more than causality."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    plain = dict(batch_size=2, q_length=1, kv_length=16, q_offset=torch.tensor(5), kv_offset=0,
+                 mask_function=causal_mask_function, attention_mask=None, allow_is_causal_skip=False, device="cpu")
+    assert _int8_cache_mask(**plain) is None
+    padding = torch.ones(2, 16, dtype=torch.bool)
+    padding[1, :2] = False
+    window = sliding_window_causal_mask_function(4)
+    for change in (dict(attention_mask=padding), dict(mask_function=window)):
+        args = {**plain, **change}
+        got, expected = _int8_cache_mask(**args), sdpa_mask(**args)
+        assert got is not None and torch.equal(got, expected)
+
+
+def test_sessions_attention_follows_their_cache():
+    """A decode session runs its model as "torch_bitnet_int8" on an int8 cache, as
+    "torch_bitnet" on a float one, and leaves the model's setting as it was."""
+    model = llama(0, torch.float32)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(m.config._attn_implementation),
+                                    with_kwargs=True)
+    for kv, name in (("int8", ATTENTION_INT8), ("fp32", ATTENTION)):
+        session = DecodeSession(model, 32, compile=False, kv_cache_dtype=kv)
+        prefill(model, prompt_ids(4), session.cache)
+        session.step(model, torch.zeros((1, 1), dtype=torch.long), torch.tensor([4]))
+        assert seen[-2:] == [name, name]
+    assert model.config._attn_implementation == ATTENTION
 
 
 def test_default_from_environment(monkeypatch):

@@ -179,7 +179,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk_size: int | 
         # batched layout (1.9 s per call for 2B-4T in bf16) instead of running a GEMV (33 ms).
         last = begin + chunk_size >= length
         keep = torch.tensor([chunk.shape[1] - 1] if last else [], dtype=torch.long, device=device)
-        with _static_attention(model):
+        with _static_attention(model, cache):
             out = model(
                 input_ids=chunk,
                 position_ids=positions.unsqueeze(0),  # (1, C)
@@ -191,16 +191,18 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, cache, chunk_size: int | 
 
 
 @contextlib.contextmanager
-def _static_attention(model: nn.Module):
+def _static_attention(model: nn.Module, cache):
     """Run the model with :func:`torch_bitnet.kv_cache.attention` inside the block (the int8
-    cache needs it; a float cache takes its shortcuts for static caches) if it supports it."""
+    cache needs it; a float cache takes its shortcuts for static caches) if it supports it:
+    registered as ``"torch_bitnet_int8"`` (no plain causal mask) when ``cache`` is all int8."""
     config = model.config
     previous = config._attn_implementation
-    if previous == kv_cache.ATTENTION or kv_cache.unsupported_reason(model) is not None:
+    name = kv_cache.ATTENTION_INT8 if kv_cache.is_int8_cache(cache) else kv_cache.ATTENTION
+    if previous == name or kv_cache.unsupported_reason(model) is not None:
         yield
         return
     kv_cache.register_attention()
-    config._attn_implementation = kv_cache.ATTENTION
+    config._attn_implementation = name
     try:
         yield
     finally:
@@ -414,7 +416,7 @@ class DecodeSession:
                 f"cache_position must be int64 of shape (1,), got {cache_position.dtype} {tuple(cache_position.shape)}"
             )
         args = (model, self._token, self._position, self.cache, kv_cache.cache_argument(model))
-        with torch.inference_mode(), _static_attention(model):
+        with torch.inference_mode(), _static_attention(model, self.cache):
             self._token.copy_(token)
             self._position.copy_(cache_position)
             if not self.compiled:

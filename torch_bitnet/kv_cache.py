@@ -16,7 +16,9 @@ How it reaches transformers models, with no change to their code:
   ``update`` quantizes the new keys and values into the cache and returns :class:`Int8KV`
   records (cache, scales, the positions just written) instead of float tensors;
 * an attention function registered with transformers as ``"torch_bitnet"`` runs the int8 op on
-  those records and SDPA on float tensors (:func:`attention`);
+  those records and SDPA on float tensors (:func:`attention`); torch_bitnet's decode sessions
+  run it as ``"torch_bitnet_int8"`` on their int8 caches, whose masks are only for padding
+  (the op applies causality from the positions);
 * :func:`set_kv_cache_dtype` (called by ``patch``, ``replace_linear`` and ``from_pretrained``)
   selects that attention function and adds a forward pre-hook that gives every empty
   transformers cache the model is called with (the ``DynamicCache`` or ``StaticCache`` that
@@ -40,6 +42,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCa
 
 __all__ = [
     "ATTENTION",
+    "ATTENTION_INT8",
     "KV_CACHE_DTYPES",
     "FloatDynamicLayer",
     "FloatStaticLayer",
@@ -52,6 +55,7 @@ __all__ = [
     "convert_cache",
     "default_kv_cache_dtype",
     "get_kv_cache_dtype",
+    "is_int8_cache",
     "new_dynamic_cache",
     "new_static_cache",
     "set_kv_cache_dtype",
@@ -59,6 +63,9 @@ __all__ = [
 
 KV_CACHE_DTYPES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = "torch_bitnet"  # the name of :func:`attention` in transformers' AttentionInterface
+# :func:`attention` again, for models whose cache is all int8 (the decode sessions' caches): its
+# mask function skips the plain causal mask, which the int8 op applies from the positions.
+ATTENTION_INT8 = "torch_bitnet_int8"
 _ENV = "BITNET_KV_CACHE_DTYPE"
 _ATTR = "_torch_bitnet_kv_cache_dtype"  # where set_kv_cache_dtype keeps the choice on the model
 # A dynamic int8 layer grows its buffers to the next power of two of the positions it needs,
@@ -449,13 +456,43 @@ def _float_attention(module, query, key, value, attention_mask, scaling=None, **
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
+def _int8_cache_mask(*args, **kwargs):
+    """transformers mask function of ``"torch_bitnet_int8"``: None for a plain causal mask with
+    no padding (the int8 attention op sees each query's keys up to its position without one),
+    else sdpa's boolean mask. A compiled decode step would otherwise compute the (B, 1, Q, L)
+    mask once per layer: inductor recomputes a cheap mask for each op that takes it (30 x L
+    values per 2B-4T token, ~1 ms at L = 4096 on a slow core)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    # Not allow_is_causal_skip: transformers clears it for every one-token step on a static
+    # cache (sdpa would see the empty positions); a mask with more than causality (sliding
+    # window, packed sequences, or / and masks) comes as another mask_function.
+    if (
+        not args
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None
+    ):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def register_attention() -> None:
-    """Register :func:`attention` (and sdpa's boolean masks) with transformers as ``"torch_bitnet"``."""
+    """Register :func:`attention` with transformers as ``"torch_bitnet"`` (with sdpa's boolean
+    masks) and as ``"torch_bitnet_int8"`` (masks only for padding, for all-int8 caches)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionInterface.register(ATTENTION_INT8, attention)
+    AttentionMaskInterface.register(ATTENTION_INT8, _int8_cache_mask)
+
+
+def is_int8_cache(cache) -> bool:
+    """Whether every layer of a transformers cache is an int8 layer of this module."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, _Int8Storage) for layer in layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +512,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "it caps attention logits"
     if any(kind != "full_attention" for kind in (getattr(text, "layer_types", None) or [])):
         return "not all of its layers use full attention"
-    if config._attn_implementation not in ("sdpa", "eager", ATTENTION):
+    if config._attn_implementation not in ("sdpa", "eager", ATTENTION, ATTENTION_INT8):
         return f"it uses the {config._attn_implementation!r} attention implementation"
     return None
 

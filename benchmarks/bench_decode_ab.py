@@ -6,6 +6,7 @@
     python benchmarks/bench_decode_ab.py --compare step     # ahead-of-time vs lazily compiled step
     python benchmarks/bench_decode_ab.py --compare alignment --ternary-format 5trit --threads 1
     python benchmarks/bench_decode_ab.py --compare layer-op --ternary-format 5trit
+    python benchmarks/bench_decode_ab.py --compare causal-mask --cache-len 4096
 
 ``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
 one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
@@ -18,7 +19,11 @@ to the checkpoint). ``--compare layer-op``: one model (``--ternary-format``) wit
 sessions, one compiled while its fused layers run the separate ops (bitlinear_shared, rotary
 embedding kernels, kv_cache_write, int8_attention, bitlinear, bitlinear_relu2_glu, residual adds)
 and one with each layer as one ``bitnet::decoder_layer`` call (what fused layers do on int8
-caches).
+caches). ``--compare causal-mask``: one model, two decode sessions on int8 caches, one compiled
+with the (B, 1, 1, L) causal mask that transformers builds for sdpa passed to every layer (what
+ran before the sessions' ``"torch_bitnet_int8"`` attention left it out; inductor computes it
+once per layer) and one without it (the int8 op masks by position). Its cost grows with the
+cache length L: ``--cache-len`` allocates the sessions' caches longer than the run needs.
 
 Separate processes on this shared machine are not comparable: the read bandwidth one process
 gets moves by a third between runs minutes apart (``torch-bitnet bench`` prints it). So both
@@ -47,23 +52,25 @@ from unittest import mock
 import torch
 
 import torch_bitnet as tb
-from torch_bitnet import fuse
+from torch_bitnet import fuse, kv_cache
 from torch_bitnet.bench import cpu_model, default_workdir, prepare_checkpoint
 from torch_bitnet.loading import PACKED_FILE
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op"), default="formats",
+    p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op", "causal-mask"), default="formats",
                    help="what differs (default formats)")
     p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit",
-                   help="weights for --compare step / alignment / layer-op")
+                   help="weights for --compare step / alignment / layer-op / causal-mask")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
     p.add_argument("--context", type=int, default=512, help="prompt tokens before decoding (default 512)")
     p.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8", help="table form (default int8)")
     p.add_argument("--workdir", type=Path, default=default_workdir(), help="where the checkpoints are written once")
+    p.add_argument("--cache-len", type=int, default=0,
+                   help="positions of the sessions' caches, if more than the run needs (default: what it needs)")
     return p.parse_args()
 
 
@@ -85,7 +92,7 @@ def main() -> None:
     args = parse_args()
     gen = importlib.import_module("torch_bitnet.generate")  # the module (tb.generate is the function)
     torch.set_num_threads(args.threads)
-    max_len = args.context + 2 * args.blocks * args.steps + 1
+    max_len = max(args.cache_len, args.context + 2 * args.blocks * args.steps + 1)
     runs = {}
     if args.compare == "formats":
         for fmt in ("2bit", "5trit"):
@@ -108,6 +115,19 @@ def main() -> None:
             # "ops": traced while the fused layers see no int8 cache layer, so they call the ops
             # one by one (the compiled step keeps that graph afterwards)
             with mock.patch.object(fuse, "_int8_layer", lambda *a: None) if name == "ops" else nullcontext():
+                session.warm_up(model)
+            runs[name] = {"model": model, "session": session}
+    elif args.compare == "causal-mask":
+        from transformers.masking_utils import sdpa_mask
+
+        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
+        model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
+        os.environ["BITNET_STEP_CACHE"] = "0"  # compile both: a saved step has one or the other graph
+        for name in ("mask", "no_mask"):
+            session = gen.DecodeSession(model, max_len, kv_cache_dtype="int8")
+            # "mask": traced with sdpa's mask function in place of the int8 one (the compiled step
+            # keeps that graph afterwards)
+            with mock.patch.object(kv_cache, "_int8_cache_mask", sdpa_mask) if name == "mask" else nullcontext():
                 session.warm_up(model)
             runs[name] = {"model": model, "session": session}
     else:

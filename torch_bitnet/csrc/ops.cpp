@@ -321,7 +321,7 @@ at::Tensor norm_weight_of(const std::optional<at::Tensor>& norm_weight, const at
 
 // The input of a bitlinear-family or table op, (optionally normalised and) quantized once for
 // every weight it is multiplied with: xq (M, Kp) int8 (zero from K to Kp), a (M) float32,
-// xsum (M) int32, in one scratch allocation.
+// xsum (M) int32, in one buffer: `scratch` (quantize_input), or the caller's (quantize_rows_into).
 struct QuantizedInput {
   at::Tensor scratch;
   int8_t* xq = nullptr;

@@ -306,6 +306,34 @@ def test_fully_masked_rows_give_zeros(isa):
     assert bool(torch.isfinite(out).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_keys_do_not_leak_their_scale(isa, dtype):
+    """A key the mask hides from some rows may still be multiplied (the AVX2 int16 path scores keys
+    in pairs) and then discarded: a NaN or infinite key scale there changes nothing, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    cache = _cache(1, 2, 67, 128)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 67, 128, generator=g),
+                                    torch.randn(1, 2, 67, 128, generator=g), torch.arange(67))
+    q = torch.randn(1, 8, 3, 128, generator=g).to(dtype)
+    positions = torch.tensor([40, 60, 66])
+    mask = torch.rand(1, 3, 67, generator=g) > 0.4
+    mask[0, :, [5, 17, 66]] = False  # hidden from every row; 6, 18 (their pair partners) from some
+    mask[0, 0, [6, 18]] = False
+    mask[0, 1:, [6, 18]] = True
+    clean = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.1, mask)
+    for bad in (float("nan"), float("inf")):
+        k_scale = cache[1].clone()
+        k_scale[:, :, [5, 17, 66]] = bad
+        k_scale[:, :, [6, 18]] = torch.where(torch.tensor(bad != bad), bad, -bad)
+        cache_bad = (cache[0], k_scale, cache[2], cache[3])
+        rows_seeing = torch_bitnet.ops.int8_attention(q, *cache_bad, positions, 0.1, mask)
+        # queries 1, 2 see keys 6 and 18, whose scale is now bad: only query 0 must be unchanged
+        assert torch.equal(rows_seeing[:, :, 0], clean[:, :, 0])
+        k_scale[:, :, [6, 18]] = cache[1][:, :, [6, 18]]
+        out = torch_bitnet.ops.int8_attention(q, *cache_bad, positions, 0.1, mask)
+        assert torch.equal(out, clean)
+
+
 def test_all_true_mask_equals_no_mask(isa):
     cache = _cache(1, 2, 64, 128)
     torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 64, 128), torch.randn(1, 2, 64, 128), torch.arange(64))

@@ -246,6 +246,20 @@ TB_AVX2_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a
   return _mm_add_epi32(_mm_unpacklo_epi64(s01, s23), _mm_unpackhi_epi64(s01, s23));
 }
 
+// Within each 128-bit half of the result: lane i = the sum of that half's 4 lanes of x[i].
+TB_AVX2_INLINE __m256i half_sums4(const __m256i (&x)[4]) {
+  // [x0 0+2, x1 0+2, x0 1+3, x1 1+3] and the same for x2, x3, then the pairs' sums.
+  const __m256i s01 = _mm256_add_epi32(_mm256_unpacklo_epi32(x[0], x[1]), _mm256_unpackhi_epi32(x[0], x[1]));
+  const __m256i s23 = _mm256_add_epi32(_mm256_unpacklo_epi32(x[2], x[3]), _mm256_unpackhi_epi32(x[2], x[3]));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(s01, s23), _mm256_unpackhi_epi64(s01, s23));
+}
+
+// Lane 4 k + i of the result = the sum of the 8 int32 lanes of a_k[i], k = 0, 1 (exact).
+TB_AVX2_INLINE __m256i hsum8_epi32(const __m256i (&a0)[4], const __m256i (&a1)[4]) {
+  const __m256i t0 = half_sums4(a0), t1 = half_sums4(a1);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
 // Step 3 for 16-bit queries over dims [t0, t0 + 16): w16[(j / 2) * 4 + r] holds row r's int16
 // weights of keys j (low half) and j + 1 (high half); per key pair and row one VPMADDWD of the
 // pair's values interleaved per dim. The int32 sums (|sum| <= 32767 * 127 * 64 per block) are
@@ -268,6 +282,10 @@ TB_AVX2_INLINE void values_slice16(const AttentionProblem& p, int64_t c0, int64_
       const __m256i wp = _mm256_set1_epi32(w16[(j / 2) * kGroup + r]);
       o[r][0] = _mm256_add_epi32(o[r][0], _mm256_madd_epi16(lo, wp));
       o[r][1] = _mm256_add_epi32(o[r][1], _mm256_madd_epi16(hi, wp));
+      // An empty asm that "changes" the row's accumulators: without it GCC loads all four
+      // rows' weights first and, short of registers, keeps an accumulator on the stack (a
+      // store-to-load chain per key pair); measured 5-8% of the attention's time.
+      __asm__("" : "+x"(o[r][0]), "+x"(o[r][1]));
     }
   }
   #pragma GCC unroll 4
@@ -282,6 +300,37 @@ TB_AVX2_INLINE void values_slice16(const AttentionProblem& p, int64_t c0, int64_
   }
 }
 
+// Scores of keys j, j + 1 (both < the cache's length) for R rows of int16 queries q16 into
+// w[0..8) (key-major, as store_scores), -inf in the lanes whose `sees` lane is clear. A pair
+// shares each query load between two keys and sums its 8 dot products horizontally together
+// (hsum8_epi32): measured on the AVX2-only Zen 3, 4-9% less time for a decode token's and a
+// 512-token prompt's attention than one key at a time. A hidden key is still multiplied (its
+// scale may be anything): the blend discards it.
+template <int R>
+TB_AVX2_INLINE void score_pair(const AttentionProblem& p, const int16_t* q16, __m256 qs8, int64_t j, __m256 sees,
+                               float* w) {
+  const int64_t d = p.d;
+  const int8_t* kj = p.k + j * d;
+  prefetch_key(p, j);
+  prefetch_key(p, j + 1);
+  __m256i a0[kGroup], a1[kGroup];
+  #pragma GCC unroll 4
+  for (int r = 0; r < kGroup; ++r) a0[r] = a1[r] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < d; t += 16) {
+    const __m256i k0 = load_i8x16(kj + t), k1 = load_i8x16(kj + d + t);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + r * d + t));
+      a0[r] = _mm256_add_epi32(a0[r], _mm256_madd_epi16(k0, qv));
+      a1[r] = _mm256_add_epi32(a1[r], _mm256_madd_epi16(k1, qv));
+    }
+  }
+  // the same float operations as the single-key path: (dot * q_scale) * (k_scale * scale)
+  const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(a0, a1)), qs8);
+  const __m256 ks = _mm256_setr_m128(_mm_set1_ps(p.k_scale[j] * p.scale), _mm_set1_ps(p.k_scale[j + 1] * p.scale));
+  _mm256_store_ps(w, _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_mul_ps(dot, ks), sees));
+}
+
 // block_group for 16-bit queries: q16 / q_scale are rows g0 .. of the task in int16 (d values
 // each) and their scales.
 template <int R>
@@ -293,8 +342,26 @@ TB_AVX2 void block_group16(const AttentionProblem& p, const int16_t* q16, const 
   for (int r = 0; r < R; ++r) qs[r] = q_scale[r];
   const __m128 qs4 = _mm_load_ps(qs);
   const int all_rows = (1 << R) - 1;
-  // 1. scores: exact int32 dot products, times each row's query scale
-  for (int64_t j = 0; j < nk; ++j) {
+  // 1. scores: exact int32 dot products, times each row's query scale; keys in pairs
+  // (score_pair), an odd last one alone
+  const __m256 qs8 = _mm256_setr_m128(qs4, qs4);
+  const __m256i row_bit = _mm256_setr_epi32(1, 2, 4, 8, 1, 2, 4, 8);
+  const __m256 all_seen =
+      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(all_rows), row_bit), row_bit));
+  int64_t j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    __m256 sees = all_seen;
+    if (key_rows) {
+      if (!(key_rows[j] | key_rows[j + 1])) {
+        _mm256_store_ps(w + j * kGroup, _mm256_set1_ps(kNegInf));
+        continue;
+      }
+      const __m256i rv = _mm256_setr_m128i(_mm_set1_epi32(key_rows[j]), _mm_set1_epi32(key_rows[j + 1]));
+      sees = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(rv, row_bit), row_bit));
+    }
+    score_pair<R>(p, q16, qs8, c0 + j, sees, w + j * kGroup);
+  }
+  for (; j < nk; ++j) {
     const int rows = key_rows ? key_rows[j] : all_rows;
     if (!rows) {
       _mm_store_ps(w + j * kGroup, _mm_set1_ps(kNegInf));

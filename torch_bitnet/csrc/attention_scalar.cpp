@@ -98,10 +98,20 @@ void attention_merge(const float* m, const float* l, const float* acc, int64_t p
     sum += w[s] * l[s * stride];
   }
   const float inv = 1.f / sum;
-  for (int64_t t = 0; t < d; ++t) {
-    float o = 0.f;
-    for (int64_t s = 0; s < parts; ++s) o += w[s] * acc[s * stride * d + t];
-    out[t] = o * inv;  // reads every part's element t before writing: out may alias a part
+  // Dims in chunks, parts in the outer loop, so the compiler vectorizes the inner loops (one dim
+  // at a time over a run-time number of parts stayed scalar: ~250 ns per row, 11% of a 512-token
+  // prompt's attention on the Zen 3). A chunk reads every part before writing out: out may alias
+  // a part.
+  constexpr int64_t kChunk = 64;
+  for (int64_t t0 = 0; t0 < d; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, d - t0);
+    float o[kChunk];
+    for (int64_t t = 0; t < n; ++t) o[t] = w[0] * acc[t0 + t];
+    for (int64_t s = 1; s < parts; ++s) {
+      const float* a = acc + s * stride * d + t0;
+      for (int64_t t = 0; t < n; ++t) o[t] += w[s] * a[t];
+    }
+    for (int64_t t = 0; t < n; ++t) out[t0 + t] = o[t] * inv;
   }
 }
 

@@ -323,13 +323,6 @@ TB_AVX2 void chunk_tile(const GemmProblem& p, const uint8_t* chunk, int64_t m, i
     for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_si256();
   const int8_t* x = p.xq + m * p.ldq + 256 * b;
   for (int q = 0; q < 64; ++q) {
-    // The next token tile's activations for this block, a line per token every 16 steps: in
-    // prefill they come from L2 (M x 256 bytes per block), and the hardware prefetcher did not
-    // keep these MR strided streams ahead (measured: 7-11% more products per second, M = 512).
-    // Past the last tile the addresses are unused (a prefetch does not fault).
-    if (q % 16 == 0)
-      #pragma GCC unroll 16
-      for (int t = 0; t < MR; ++t) _mm_prefetch(reinterpret_cast<const char*>(x + (t + MR) * p.ldq + 4 * q), _MM_HINT_T0);
     __m256i wv[NV];
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)

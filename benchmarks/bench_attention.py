@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Decode attention over an int8 KV cache versus SDPA over fp32 and bf16 caches.
+"""Decode (and prompt) attention over an int8 KV cache versus SDPA over fp32 and bf16 caches.
 
-    python benchmarks/bench_attention.py [--threads N] [--contexts 512,2048,4096]
+    python benchmarks/bench_attention.py [--threads N] [--contexts 512,2048,4096] [--prompts 512]
 
 Geometry of microsoft/bitnet-b1.58-2B-4T: 20 query heads, 5 KV heads, head_dim 128, 30
 layers. For each context length one decode token attends, in every one of the 30 layers,
@@ -12,6 +12,13 @@ read from DRAM rather than from a warm L3). Reported per token (30 layers): time
 over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
 warm-up, all in one run. The 1-minute load average is printed before and after: other
 processes on the machine slow the threads down (rerun when it is well below the core count).
+
+``--prompts N,...`` adds the attention of a prompt: N queries, each seeing the positions up to
+its own (causal), over one layer's N-position cache, as a prefill computes it once per layer.
+Reported per layer: the same four timings (SDPA with ``is_causal``) and the int8 op's
+multiply-adds per second (q . k and the weighted values: 2 x heads x head_dim x N(N+1)/2),
+which measure the kernels' arithmetic: at these sizes the work is compute-bound, not a read of
+the cache.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from torch_bitnet.bench import cpu_model
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 20, 5, 128
 
 
-def per_token(step, repeats: int) -> float:
-    """Median seconds of one decode token (all layers)."""
+def median_seconds(step, repeats: int) -> float:
+    """Median seconds of one call of step, after two warm-up calls."""
     for _ in range(2):
         step()
     times = []
@@ -42,12 +49,13 @@ def per_token(step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--contexts", default="512,2048,4096", help="comma-separated context lengths")
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--prompts", default="", help="comma-separated prompt lengths (default: none)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
@@ -84,10 +92,10 @@ def main() -> None:
                         F.scaled_dot_product_attention(query, k, v, enable_gqa=True)
                 return run
 
-            t8 = per_token(ours(q), args.repeats)
-            t8b = per_token(ours(qb), args.repeats)
-            t32 = per_token(sdpa(f32_caches, q), args.repeats)
-            t16 = per_token(sdpa(bf16_caches, qb), args.repeats)
+            t8 = median_seconds(ours(q), args.repeats)
+            t8b = median_seconds(ours(qb), args.repeats)
+            t32 = median_seconds(sdpa(f32_caches, q), args.repeats)
+            t16 = median_seconds(sdpa(bf16_caches, qb), args.repeats)
             mb8 = sum(t.numel() * t.element_size() for c in int8_caches for t in c) / 1e6
             mb32 = sum(t.numel() * t.element_size() for c in f32_caches for t in c) / 1e6
             mb16 = mb32 / 2
@@ -97,7 +105,37 @@ def main() -> None:
     print("x = SDPA time / int8 time (float32 queries; > 1: int8 attention is faster); MB = cache bytes of all")
     print("30 layers;")
     print("GB/s = int8 cache bytes / int8 time (the rate the caches are read at)")
+    if args.prompts:
+        prompts(g, [int(n) for n in args.prompts.split(",")], args.repeats)
     print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
+
+
+def prompts(g: torch.Generator, lengths: list[int], repeats: int) -> None:
+    """The prompt rows (module docstring): per layer, N causal queries over N positions."""
+    print(f"one layer's prompt attention: {HEADS} heads / {KV_HEADS} kv heads x head_dim {HEAD_DIM}, causal")
+    print(f"{'prompt':>8} | {'int8 ms':>8} {'bf16 q ms':>9} {'bf16 q GMAC/s':>13} | {'sdpa fp32 ms':>12} {'x':>5} | "
+          f"{'sdpa bf16 ms':>12} {'x':>5}")
+    scale = HEAD_DIM**-0.5
+    with torch.inference_mode():
+        for n in lengths:
+            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+            cache = (torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n),
+                     torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n))
+            pos = torch.arange(n)
+            torch_bitnet.kv_cache_write(*cache, k, v, pos)
+            q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+            qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            t8 = median_seconds(lambda: torch_bitnet.int8_attention(q, *cache, pos, scale), repeats)
+            t8b = median_seconds(lambda: torch_bitnet.int8_attention(qb, *cache, pos, scale), repeats)
+            t32 = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                 repeats)
+            t16 = median_seconds(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True),
+                                 repeats)
+            macs = 2 * HEADS * HEAD_DIM * n * (n + 1) // 2
+            print(f"{n:>8} | {t8 * 1e3:8.2f} {t8b * 1e3:9.2f} {macs / t8b / 1e9:13.1f} | {t32 * 1e3:12.2f} "
+                  f"{t32 / t8:5.1f} | {t16 * 1e3:12.2f} {t16 / t8:5.1f}")
+    print("x = SDPA time / int8 time (float32 queries); a prefill runs this once per layer")
 
 
 if __name__ == "__main__":

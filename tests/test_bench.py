@@ -126,3 +126,18 @@ def test_layer_call_baseline_computes_the_same_layer():
         assert torch.equal(c, w)
     with pytest.raises(SystemExit):
         script.parse_args(["--hidden", "65"])
+
+
+def test_attention_bench_prints_decode_and_prompt_rows(capsys):
+    """bench_attention.py --prompts adds one row per prompt length after the decode rows, each
+    with the four timings and the int8 op's multiply-add rate."""
+    script = _script("bench_attention")
+    script.main(["--threads", "1", "--contexts", "8", "--prompts", "8,16", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("one layer's prompt attention"))
+    assert any(line.split("|")[0].strip() == "8" for line in lines[:first])  # the decode row
+    rows = [line for line in lines[first + 2:] if "|" in line]
+    assert [row.split("|")[0].strip() for row in rows] == ["8", "16"]
+    for row in rows:
+        numbers = [float(v) for part in row.split("|")[1:] for v in part.split()]
+        assert len(numbers) == 7 and all(v > 0 for v in numbers)

@@ -13,8 +13,13 @@ same model, dtype and cache length (MAX_SEQ_LEN), so later compilations of the s
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 from transformers import AutoTokenizer, BitNetForCausalLM, CompileConfig
 
@@ -23,6 +28,7 @@ from torch_bitnet.generate import (
     _MIN_CACHE_LEN,
     _SESSIONS,
     DecodeSession,
+    _kept_tokens,
     _TextStream,
     decode_one_token,
     default_chunk_size,
@@ -414,6 +420,73 @@ def test_sample_top_k_and_top_p_keep_the_right_tokens():
     counts = torch.bincount(draws(), minlength=4) / 2000.0  # no filter: the softmax itself
     assert torch.allclose(counts, probs[0], atol=0.04)
     assert int(sample(logits)) == 1  # temperature 0: argmax
+
+
+def _nucleus_by_full_sort(x: torch.Tensor, top_k, top_p) -> list[float]:
+    """The logits sample() may draw from, by the plain definition: sort the whole row, keep the
+    top_k largest and any equal to the k-th, then the tokens before which the cumulative
+    probability is still below top_p. Returned sorted, as values: tied tokens are interchangeable."""
+    values = np.sort(x.double().numpy())[::-1]
+    top = values[0]
+    if top_k is not None and top_k < len(values):
+        values = values[values >= values[top_k - 1]]
+        weights = np.exp(values - top)
+        probs = weights / weights.sum()
+    else:
+        probs = np.exp(values - top) / float(torch.exp(x - float(x.max())).sum())
+    if top_p is not None and top_p < 1.0:
+        values = values[np.cumsum(probs) - probs < top_p]
+    return sorted(values.tolist())
+
+
+@given(
+    vocab=st.integers(1, 5000),
+    spread=st.sampled_from([0.0, 0.05, 1.0, 4.0, 20.0]),  # 0: all tied; 0.05: a nucleus of thousands
+    rounding=st.sampled_from([None, 0.5]),  # 0.5: logits on a grid, many ties
+    top_k=st.one_of(st.none(), st.integers(1, 200)),
+    top_p=st.one_of(st.none(), st.floats(0.01, 1.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_kept_tokens_are_those_of_a_full_sort(vocab, spread, rounding, top_k, top_p, seed):
+    """sample() keeps the same tokens as sorting the whole vocabulary would (it takes a top-k of
+    64 and grows it only while the nucleus is larger), ties included."""
+    x = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread
+    if rounding:
+        x = (x / rounding).round() * rounding
+    ids, weights = _kept_tokens(x, float(x.max()), top_k, top_p)
+    expected = _nucleus_by_full_sort(x, top_k, top_p)
+    if ids is None:  # no filter: every token
+        assert top_k is None or top_k >= vocab
+        assert weights.shape == (vocab,) and expected == sorted(x.double().tolist())
+        return
+    assert len(set(ids.tolist())) == len(ids)
+    assert sorted(x.double()[torch.from_numpy(ids)].tolist()) == expected
+    np.testing.assert_allclose(weights, np.exp(x.double()[torch.from_numpy(ids)].numpy() - float(x.max())))
+
+
+def test_sample_draws_the_nucleus_in_proportion():
+    """Past the first top-k of 64: 300 tokens, a nucleus of ~150; every draw from it, and the
+    frequencies those of the renormalised probabilities (2 sigma of 6000 draws ~ 0.013)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.linspace(3.0, -3.0, 300).unsqueeze(0)
+    probs = torch.softmax(logits[0].double(), 0)
+    keep = int(((torch.cumsum(probs, 0) - probs) < 0.8).sum())
+    assert 64 < keep < 300
+    draws = torch.cat([sample(logits, temperature=1.0, top_p=0.8, generator=g) for _ in range(6000)]).flatten()
+    assert int(draws.max()) < keep
+    expected = probs[:keep] / probs[:keep].sum()
+    counts = torch.bincount(draws, minlength=keep).double() / len(draws)
+    assert float((counts[:10] - expected[:10]).abs().max()) < 0.02
+
+
+def test_sample_rows_and_bad_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, -math.inf], [9.0, -math.inf, 0.0]])
+    out = sample(logits, temperature=0.1, generator=g)
+    assert out.shape == (2, 1) and out.dtype == torch.long and out.flatten().tolist() == [1, 0]
+    for bad in ([[0.0, math.nan]], [[0.0, math.inf]], [[-math.inf, -math.inf]]):
+        with pytest.raises(ValueError, match="cannot sample"):
+            sample(torch.tensor(bad), temperature=1.0, top_p=0.9, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def measure(
     import torch
     from tqdm.auto import tqdm
 
-    from .generate import prefill, prepare
+    from .generate import _static_attention, prefill, prepare
     from .isa import get_isa
     from .loading import from_pretrained
     from .nn import BitLinear
@@ -228,7 +228,8 @@ def measure(
     stages.set_postfix_str("prefill")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    # As generate(): the attention implementation switched once for the run, not per step.
+    with torch.inference_mode(), _static_attention(model, session.cache):
         session.reset()
         start = time.perf_counter()
         logits = prefill(model, ids, session.cache, chunk_size)

@@ -141,3 +141,21 @@ def test_attention_bench_prints_decode_and_prompt_rows(capsys):
     for row in rows:
         numbers = [float(v) for part in row.split("|")[1:] for v in part.split()]
         assert len(numbers) == 7 and all(v > 0 for v in numbers)
+
+
+def test_sample_baseline_keeps_the_same_tokens():
+    """bench_sample.py times sample() against a textbook sort + multinomial sampler: both must
+    draw only from the tokens the setting keeps, or the comparison would mean nothing."""
+    script = _script("bench_sample")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.linspace(4.0, -4.0, 500).unsqueeze(0)  # token i more probable than i + 1
+    probs = torch.softmax(logits[0].double() / 0.8, 0)
+    limits = {"temperature 0.8": 500, "+ top_k 50": 50,
+              "+ top_p 0.95": int(((torch.cumsum(probs, 0) - probs) < 0.95).sum())}
+    assert 64 < limits["+ top_p 0.95"] < 500  # past sample()'s first top-k of 64
+    for name, kwargs in script.SETTINGS.items():
+        for sampler in (script.sample, script.textbook_sample):
+            drawn = torch.cat([sampler(logits, generator=g, **kwargs) for _ in range(300)])
+            assert int(drawn.max()) < limits[name] and int(drawn.min()) >= 0, (name, sampler)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--vocab", "x"])

@@ -534,8 +534,8 @@ def sample(
 
     Cost: a few passes over the vocabulary and a top-k of 64 (more only while the nucleus is
     larger), not a sort of the vocabulary nor a random number per token: ``torch.sort`` and
-    ``torch.multinomial`` took 24.7 ms per token at bitnet-b1.58-2B-4T's 128,256 tokens on a
-    2-core Zen 3, half a decode step.
+    ``torch.multinomial`` took 21-25 ms per token with top-p at bitnet-b1.58-2B-4T's 128,256
+    tokens on a 2-core Zen 3, half a decode step (``benchmarks/bench_sample.py``).
 
     Raises:
         ValueError: a row holding a NaN or +inf, or only -inf.

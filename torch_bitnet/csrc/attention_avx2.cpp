@@ -235,17 +235,6 @@ TB_AVX2_INLINE __m256i load_i8x16(const int8_t* p) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Lane i of the result = the sum of the 8 int32 lanes of a_i (exact).
-TB_AVX2_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
-  const __m128i x0 = _mm_add_epi32(_mm256_castsi256_si128(a0), _mm256_extracti128_si256(a0, 1));
-  const __m128i x1 = _mm_add_epi32(_mm256_castsi256_si128(a1), _mm256_extracti128_si256(a1, 1));
-  const __m128i x2 = _mm_add_epi32(_mm256_castsi256_si128(a2), _mm256_extracti128_si256(a2, 1));
-  const __m128i x3 = _mm_add_epi32(_mm256_castsi256_si128(a3), _mm256_extracti128_si256(a3, 1));
-  const __m128i s01 = _mm_add_epi32(_mm_unpacklo_epi32(x0, x1), _mm_unpackhi_epi32(x0, x1));
-  const __m128i s23 = _mm_add_epi32(_mm_unpacklo_epi32(x2, x3), _mm_unpackhi_epi32(x2, x3));
-  return _mm_add_epi32(_mm_unpacklo_epi64(s01, s23), _mm_unpackhi_epi64(s01, s23));
-}
-
 // Within each 128-bit half of the result: lane i = the sum of that half's 4 lanes of x[i].
 TB_AVX2_INLINE __m256i half_sums4(const __m256i (&x)[4]) {
   // [x0 0+2, x1 0+2, x0 1+3, x1 1+3] and the same for x2, x3, then the pairs' sums.
@@ -300,24 +289,25 @@ TB_AVX2_INLINE void values_slice16(const AttentionProblem& p, int64_t c0, int64_
   }
 }
 
-// Scores of keys j, j + 1 (both < the cache's length) for R rows of int16 queries q16 into
-// w[0..8) (key-major, as store_scores), -inf in the lanes whose `sees` lane is clear. A pair
-// shares each query load between two keys and sums its 8 dot products horizontally together
-// (hsum8_epi32): measured on the AVX2-only Zen 3, 4-9% less time for a decode token's and a
-// 512-token prompt's attention than one key at a time. A hidden key is still multiplied (its
-// scale may be anything): the blend discards it.
+// Scores of keys j and (if `second`) j + 1 for R rows of int16 queries q16 into w[0..8)
+// (key-major, as store_scores), -inf in the lanes whose `sees` lane is clear (an odd last key
+// is scored twice and its second copy hidden). A pair shares each query load between two keys
+// and sums its 8 dot products horizontally together (hsum8_epi32): measured on the AVX2-only
+// Zen 3, 4-9% less time for a decode token's and a 512-token prompt's attention than one key at
+// a time. A hidden key is still multiplied (its scale may be anything): the blend discards it.
 template <int R>
-TB_AVX2_INLINE void score_pair(const AttentionProblem& p, const int16_t* q16, __m256 qs8, int64_t j, __m256 sees,
-                               float* w) {
+TB_AVX2_INLINE void score_pair(const AttentionProblem& p, const int16_t* q16, __m256 qs8, int64_t j, bool second,
+                               __m256 sees, float* w) {
   const int64_t d = p.d;
   const int8_t* kj = p.k + j * d;
+  const int64_t j1 = second ? j + 1 : j;  // never past the cache's end
   prefetch_key(p, j);
-  prefetch_key(p, j + 1);
+  prefetch_key(p, j1);
   __m256i a0[kGroup], a1[kGroup];
   #pragma GCC unroll 4
   for (int r = 0; r < kGroup; ++r) a0[r] = a1[r] = _mm256_setzero_si256();
   for (int64_t t = 0; t < d; t += 16) {
-    const __m256i k0 = load_i8x16(kj + t), k1 = load_i8x16(kj + d + t);
+    const __m256i k0 = load_i8x16(kj + t), k1 = load_i8x16(p.k + j1 * d + t);
     #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + r * d + t));
@@ -327,7 +317,7 @@ TB_AVX2_INLINE void score_pair(const AttentionProblem& p, const int16_t* q16, __
   }
   // the same float operations as the single-key path: (dot * q_scale) * (k_scale * scale)
   const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(a0, a1)), qs8);
-  const __m256 ks = _mm256_setr_m128(_mm_set1_ps(p.k_scale[j] * p.scale), _mm_set1_ps(p.k_scale[j + 1] * p.scale));
+  const __m256 ks = _mm256_setr_m128(_mm_set1_ps(p.k_scale[j] * p.scale), _mm_set1_ps(p.k_scale[j1] * p.scale));
   _mm256_store_ps(w, _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_mul_ps(dot, ks), sees));
 }
 
@@ -343,44 +333,20 @@ TB_AVX2 void block_group16(const AttentionProblem& p, const int16_t* q16, const 
   const __m128 qs4 = _mm_load_ps(qs);
   const int all_rows = (1 << R) - 1;
   // 1. scores: exact int32 dot products, times each row's query scale; keys in pairs
-  // (score_pair), an odd last one alone
+  // (score_pair; the slot after an odd last key is the padding block_softmax hides)
   const __m256 qs8 = _mm256_setr_m128(qs4, qs4);
   const __m256i row_bit = _mm256_setr_epi32(1, 2, 4, 8, 1, 2, 4, 8);
-  const __m256 all_seen =
-      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(all_rows), row_bit), row_bit));
-  int64_t j = 0;
-  for (; j + 2 <= nk; j += 2) {
-    __m256 sees = all_seen;
-    if (key_rows) {
-      if (!(key_rows[j] | key_rows[j + 1])) {
-        _mm256_store_ps(w + j * kGroup, _mm256_set1_ps(kNegInf));
-        continue;
-      }
-      const __m256i rv = _mm256_setr_m128i(_mm_set1_epi32(key_rows[j]), _mm_set1_epi32(key_rows[j + 1]));
-      sees = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(rv, row_bit), row_bit));
-    }
-    score_pair<R>(p, q16, qs8, c0 + j, sees, w + j * kGroup);
-  }
-  for (; j < nk; ++j) {
-    const int rows = key_rows ? key_rows[j] : all_rows;
-    if (!rows) {
-      _mm_store_ps(w + j * kGroup, _mm_set1_ps(kNegInf));
+  for (int64_t j = 0; j < nk; j += 2) {
+    const bool second = j + 1 < nk;
+    const int rows0 = key_rows ? key_rows[j] : all_rows;
+    const int rows1 = !second ? 0 : key_rows ? key_rows[j + 1] : all_rows;
+    if (!(rows0 | rows1)) {
+      _mm256_store_ps(w + j * kGroup, _mm256_set1_ps(kNegInf));
       continue;
     }
-    const int8_t* kj = p.k + (c0 + j) * d;
-    prefetch_key(p, c0 + j);
-    __m256i a[kGroup];
-    #pragma GCC unroll 4
-    for (int r = 0; r < kGroup; ++r) a[r] = _mm256_setzero_si256();
-    for (int64_t t = 0; t < d; t += 16) {
-      const __m256i kv = load_i8x16(kj + t);
-      #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(
-                                          kv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + r * d + t))));
-    }
-    const __m128 dot = _mm_mul_ps(_mm_cvtepi32_ps(hsum4_epi32(a[0], a[1], a[2], a[3])), qs4);
-    store_scores(w, j, _mm_mul_ps(dot, _mm_set1_ps(p.k_scale[c0 + j] * p.scale)), rows);
+    const __m256i rv = _mm256_setr_m128i(_mm_set1_epi32(rows0), _mm_set1_epi32(rows1));
+    const __m256 sees = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(rv, row_bit), row_bit));
+    score_pair<R>(p, q16, qs8, c0 + j, second, sees, w + j * kGroup);
   }
   // 2.
   alignas(16) float alpha[kGroup], wmax[kGroup], w_scale[kGroup], inv[kGroup];

@@ -37,6 +37,16 @@ from torch_bitnet.bench import cpu_model
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 30, 20, 5, 128
 
 
+def int8_cache(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The int8 cache (k_cache, k_scale, v_cache, v_scale) holding float keys and values
+    (1, KV_HEADS, n, HEAD_DIM) at positions 0 .. n - 1."""
+    n = k.shape[2]
+    cache = (torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n),
+             torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n))
+    torch_bitnet.kv_cache_write(*cache, k, v, torch.arange(n))
+    return cache
+
+
 def median_seconds(step, repeats: int) -> float:
     """Median seconds of one call of step, after two warm-up calls."""
     for _ in range(2):
@@ -72,10 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(LAYERS):
                 k = torch.randn(1, KV_HEADS, ctx, HEAD_DIM, generator=g)
                 v = torch.randn(1, KV_HEADS, ctx, HEAD_DIM, generator=g)
-                cache = (torch.empty(1, KV_HEADS, ctx, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, ctx),
-                         torch.empty(1, KV_HEADS, ctx, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, ctx))
-                torch_bitnet.kv_cache_write(*cache, k, v, torch.arange(ctx))
-                int8_caches.append(cache)
+                int8_caches.append(int8_cache(k, v))
                 f32_caches.append((k, v))
             bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in f32_caches]
             qb = q.bfloat16()
@@ -120,10 +127,7 @@ def prompts(g: torch.Generator, lengths: list[int], repeats: int) -> None:
         for n in lengths:
             k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
             v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
-            cache = (torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n),
-                     torch.empty(1, KV_HEADS, n, HEAD_DIM, dtype=torch.int8), torch.empty(1, KV_HEADS, n))
-            pos = torch.arange(n)
-            torch_bitnet.kv_cache_write(*cache, k, v, pos)
+            cache, pos = int8_cache(k, v), torch.arange(n)
             q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
             qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
             t8 = median_seconds(lambda: torch_bitnet.int8_attention(q, *cache, pos, scale), repeats)

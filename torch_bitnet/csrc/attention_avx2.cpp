@@ -315,7 +315,7 @@ TB_AVX2_INLINE void score_pair(const AttentionProblem& p, const int16_t* q16, __
       a1[r] = _mm256_add_epi32(a1[r], _mm256_madd_epi16(k1, qv));
     }
   }
-  // the same float operations as the single-key path: (dot * q_scale) * (k_scale * scale)
+  // the float path's order of operations: (dot * q_scale) * (k_scale * scale)
   const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(a0, a1)), qs8);
   const __m256 ks = _mm256_setr_m128(_mm_set1_ps(p.k_scale[j] * p.scale), _mm_set1_ps(p.k_scale[j1] * p.scale));
   _mm256_store_ps(w, _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_mul_ps(dot, ks), sees));
@@ -330,11 +330,10 @@ TB_AVX2 void block_group16(const AttentionProblem& p, const int16_t* q16, const 
   alignas(32) float w[kAttentionBlock * kGroup];
   alignas(16) float qs[kGroup] = {0.f, 0.f, 0.f, 0.f};
   for (int r = 0; r < R; ++r) qs[r] = q_scale[r];
-  const __m128 qs4 = _mm_load_ps(qs);
+  const __m256 qs8 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(qs));  // both keys of a pair
   const int all_rows = (1 << R) - 1;
   // 1. scores: exact int32 dot products, times each row's query scale; keys in pairs
   // (score_pair; the slot after an odd last key is the padding block_softmax hides)
-  const __m256 qs8 = _mm256_setr_m128(qs4, qs4);
   const __m256i row_bit = _mm256_setr_epi32(1, 2, 4, 8, 1, 2, 4, 8);
   for (int64_t j = 0; j < nk; j += 2) {
     const bool second = j + 1 < nk;

@@ -7,6 +7,7 @@
     python benchmarks/bench_decode_ab.py --compare alignment --ternary-format 5trit --threads 1
     python benchmarks/bench_decode_ab.py --compare layer-op --ternary-format 5trit
     python benchmarks/bench_decode_ab.py --compare causal-mask --cache-len 4096
+    python benchmarks/bench_decode_ab.py --compare graph-call
 
 ``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
 one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
@@ -24,6 +25,10 @@ with the (B, 1, 1, L) causal mask that transformers builds for sdpa passed to ev
 ran before the sessions' ``"torch_bitnet_int8"`` attention left it out; inductor computes it
 once per layer) and one without it (the int8 op masks by position). Its cost grows with the
 cache length L: ``--cache-len`` allocates the sessions' caches longer than the run needs.
+``--compare graph-call``: one model, two sessions with the same ahead-of-time step, one
+running the step's own code on every step (what ran before the sessions recorded its graph
+call: the ~700 inputs fetched from the model and the cache, the attention implementation
+switched around each step) and one calling the recorded graph from the second step of a block.
 
 Separate processes on this shared machine are not comparable: the read bandwidth one process
 gets moves by a third between runs minutes apart (``torch-bitnet bench`` prints it). So both
@@ -59,10 +64,11 @@ from torch_bitnet.loading import PACKED_FILE
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op", "causal-mask"), default="formats",
+    p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op", "causal-mask", "graph-call"),
+                   default="formats",
                    help="what differs (default formats)")
     p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit",
-                   help="weights for --compare step / alignment / layer-op / causal-mask")
+                   help="weights for the comparisons of one model")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
@@ -129,6 +135,15 @@ def main() -> None:
             # keeps that graph afterwards)
             with mock.patch.object(kv_cache, "_int8_cache_mask", sdpa_mask) if name == "mask" else nullcontext():
                 session.warm_up(model)
+            runs[name] = {"model": model, "session": session}
+    elif args.compare == "graph-call":
+        path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)
+        model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
+        for name in ("step_code", "graph_call"):
+            session = gen.DecodeSession(model, max_len)
+            session.warm_up(model)
+            if name == "step_code":  # never records, so every step runs the step's own code
+                session._run_recording = lambda step_args, session=session: session._step(*step_args)
             runs[name] = {"model": model, "session": session}
     else:
         path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=args.ternary_format)

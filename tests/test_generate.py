@@ -236,6 +236,46 @@ def test_steady_state_steps_skip_guards_and_give_the_same_logits(model, tokenize
         assert torch.equal(a, b)
 
 
+class _CountingStep:
+    """An ahead-of-time step that counts the calls of its own code (attributes pass through,
+    unless ``hide`` names them)."""
+
+    def __init__(self, step, hide: tuple[str, ...] = ()):
+        self.step, self.hide, self.calls = step, hide, 0
+
+    def __getattr__(self, name):
+        if name in self.hide:
+            raise AttributeError(name)
+        return getattr(self.step, name)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.step(*args)
+
+
+def test_steady_state_steps_call_the_recorded_graph(model, tokenizer):
+    """From the second step of a loop on, the ahead-of-time session calls the compiled graph it
+    recorded on the first step, not the step's own code: the step's code runs once per loop,
+    and the logits equal, bit for bit, those of steps that all run it. Without the internals
+    the recording needs, every step runs the step's code and gives the same logits."""
+    session = DecodeSession(model, MAX_SEQ_LEN)
+    session.warm_up(model)
+    assert session.ahead_of_time
+    checked = _steps(session, model, tokenizer, 8, same_as_last=False)
+    step = session._step
+    session._step = counting = _CountingStep(step)
+    recorded = _steps(session, model, tokenizer, 8, same_as_last=True)
+    assert counting.calls == 1 and session._graph_call is not None
+    session.reset()
+    assert session._graph_call is None
+    session._step = counting = _CountingStep(step, hide=("fn",))
+    unrecorded = _steps(session, model, tokenizer, 8, same_as_last=True)
+    assert counting.calls == 8 and session._graph_call is None
+    session._step = step
+    for a, b, c in zip(checked, recorded, unrecorded):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_ahead_of_time_step_recompiles_when_the_model_changes(checkpoint, tokenizer, monkeypatch):
     """The ahead-of-time step checks its guards on the first step of a loop: a change of the
     weights' layout (tensor guards) or a new forward hook (the session's code key, which its

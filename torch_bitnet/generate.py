@@ -303,6 +303,15 @@ class DecodeSession:
     same kind load it instead of compiling (:mod:`torch_bitnet.step_cache`: 18-21 s of
     compilation at the 2B-4T shape become 3-4 s of loading; ``BITNET_STEP_CACHE=0`` turns it
     off); ``step_from_disk`` tells whether the current step was loaded.
+
+    In a decode loop's steady state (``same_as_last=True``) the ahead-of-time step's own
+    Python is skipped too: it fetches the ~700 tensors the graph takes (the model's buffers
+    through their modules' dictionaries, the cache's tensors, the session's token and
+    position; 0.5-1 ms of Python per token on an AVX2 Zen 3) on every call, and they are the
+    same objects on every step of a loop. The first step of each loop runs it and records the
+    flat tensors it hands to the compiled graph (:meth:`_run_recording`); the next ones call
+    the graph with them. The session keeps those tensors (the model's buffers among them)
+    until the next loop starts, :meth:`reset` or a recompilation.
     """
 
     def __init__(
@@ -346,15 +355,19 @@ class DecodeSession:
         # Whether the step was loaded from a file an earlier session saved (torch_bitnet.step_cache)
         # instead of compiled.
         self.step_from_disk = False
+        # (compiled graph, its flat tensor arguments) recorded by _run_recording, or None
+        self._graph_call: tuple[Callable, tuple] | None = None
 
     def reset(self) -> None:
         """Forget every cached position (the next prefill starts at position 0)."""
+        self._graph_call = None
         with torch.inference_mode():  # the cache's tensors are inference tensors
             self.cache.reset()
 
     def _compile(self, model: nn.Module, args: tuple) -> None:
         """Compile the step for ``args`` (model, token, position, cache, cache argument)."""
         self._code_key = _code_key(model)
+        self._graph_call = None
         self.step_from_disk = False
         if self.ahead_of_time:
             # A step saved by an earlier session (torch_bitnet.step_cache), if its guards hold.
@@ -393,6 +406,47 @@ class DecodeSession:
     def _guards_hold(self, model: nn.Module, args: tuple) -> bool:
         return self._code_key == _code_key(model) and self._step.guard_check(*args)
 
+    def _run_recording(self, args: tuple) -> torch.Tensor:
+        """Run the ahead-of-time step on ``args`` and record its call of the compiled graph.
+
+        The step is a function whose code (dynamo's) fetches the graph's inputs, calls the
+        compiled graph (a global of that function, named by ``backend_id``) with them as flat
+        tensors, and returns its output 0. That call is intercepted once; it is kept for
+        :meth:`step` only if it happened exactly once, took tensors only and its output 0 is
+        what the step returned. (Whatever else the step's code does after the call, transformers'
+        output-capturing flags, sets the same values on every step: running it once per loop
+        suffices.) Without the torch internals this relies on, nothing is recorded and every
+        step runs the step's own code.
+        """
+        env = getattr(getattr(self._step, "fn", None), "__globals__", None)
+        backend_id = getattr(getattr(self._step, "_artifacts", None), "backend_id", None)
+        self._graph_call = None
+        if env is None or backend_id not in env:
+            return self._step(*args)
+        graph = env[backend_id]
+        calls = []
+
+        def recording(*flat):
+            out = graph(*flat)
+            calls.append((flat, out))
+            return out
+
+        env[backend_id] = recording
+        try:
+            result = self._step(*args)
+        finally:
+            env[backend_id] = graph
+        if len(calls) == 1:
+            flat, out = calls[0]
+            if (
+                all(isinstance(t, torch.Tensor) for t in flat)
+                and isinstance(out, (tuple, list))
+                and len(out) > 0
+                and out[0] is result
+            ):
+                self._graph_call = (graph, flat)
+        return result
+
     def step(
         self, model: nn.Module, token: torch.Tensor, cache_position: torch.Tensor, *, same_as_last: bool = False
     ) -> torch.Tensor:
@@ -403,9 +457,10 @@ class DecodeSession:
         changed since the previous call (same model object and state, same argument shapes and
         dtypes: the steady state of one decode loop). The step then runs without checking the
         compiled step's guards (the tensors' dtypes, shapes and strides, the model's attributes,
-        and :func:`_code_key`). Otherwise it checks them first and compiles again if they fail.
-        :func:`generate` passes it from the second step of a loop on, so a model changed
-        between calls still recompiles.
+        and :func:`_code_key`); an ahead-of-time step then calls its compiled graph directly
+        with the tensors recorded on the loop's first step (see the class docstring). Otherwise
+        it checks them first and compiles again if they fail. :func:`generate` passes it from
+        the second step of a loop on, so a model changed between calls still recompiles.
 
         Raises:
             ValueError: a token or position of another dtype or shape.
@@ -416,6 +471,14 @@ class DecodeSession:
             raise ValueError(
                 f"cache_position must be int64 of shape (1,), got {cache_position.dtype} {tuple(cache_position.shape)}"
             )
+        if same_as_last and self._graph_call is not None:
+            # The steady state: the recorded graph call (see the class docstring), on the same
+            # tensors; the token and position are copied into the session's own.
+            graph, flat = self._graph_call
+            with torch.inference_mode():
+                self._token.copy_(token)
+                self._position.copy_(cache_position)
+                return graph(*flat)[0]
         args = (model, self._token, self._position, self.cache, kv_cache.cache_argument(model))
         with torch.inference_mode(), _static_attention(model, self.cache):
             self._token.copy_(token)
@@ -436,7 +499,7 @@ class DecodeSession:
             elif not same_as_last and not self._guards_hold(model, args):
                 logger.info("the model or the step's arguments changed: compiling the decode step again")
                 self._compile(model, args)
-            return self._step(*args)
+            return self._run_recording(args) if self.ahead_of_time else self._step(*args)
 
     @property
     def warm(self) -> bool:

@@ -143,6 +143,23 @@ def test_matches_reference(isa, dtype, q, fmt):
     assert close >= 0.99 * total
 
 
+def test_calls_of_other_sizes_after_each_other(isa):
+    """The op keeps its intermediates' buffer from call to call (growing it, or replacing it
+    when a call needs under a quarter of it): calls of growing, shrinking and equal sizes one
+    after the other, some after a call that left NaNs in the buffer, each equal the separate ops."""
+    for q, seed, poison in ((1, 0, False), (40, 1, False), (6, 2, True), (5, 3, False), (1, 4, True), (1, 5, False),
+                            (33, 6, False)):
+        args, caches, tail = make_layer(q=q, seed=seed, filled=4, length=48)
+        if poison:  # a NaN input: its quantized rows and the attention's buffers fill with NaN
+            x = args[0].clone()
+            x[..., 0] = float("nan")
+            LAYER(x, *args[1:], *clones(caches), *tail)
+        ours, theirs = clones(caches), clones(caches)
+        assert torch.equal(LAYER(*args, *ours, *tail), separate_ops(args, theirs, tail))
+        for a, e in zip(ours, theirs):
+            assert torch.equal(a, e)
+
+
 def test_one_op_layer_gives_the_tokens_of_the_separate_ops(tmp_path, monkeypatch):
     """A model's fused layers take the one-op path on int8 caches (torch_bitnet.generate's
     static cache, transformers' generate with its dynamic one) and give the tokens of the

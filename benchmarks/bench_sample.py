@@ -6,8 +6,9 @@
 Sampling runs once per generated token, outside the compiled decode step, on the float32
 logits (1, vocab). The baseline is the usual torch recipe: logits / temperature, a top-k mask,
 a full sort for the nucleus (softmax, cumulative sum, mask, scatter back), then
-``torch.multinomial``. ``torch_bitnet.generate.sample`` keeps the same tokens (a top-k of 64
-grown while the nucleus is larger) and draws with one uniform number (inverse CDF). For each
+``torch.multinomial``. ``torch_bitnet.generate.sample`` keeps the same tokens (the 64 largest
+by a partial sort, more while the nucleus is larger) and draws with one uniform number (inverse
+CDF). For each
 vocabulary size, two logit spreads (N(0, 3): a flat distribution whose top-p 0.95 nucleus holds
 thousands of tokens; N(0, 8): a peaked one) and three settings, both are timed in the same
 process, alternating, ``--rounds`` rounds; medians in milliseconds per token and their ratio.

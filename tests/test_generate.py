@@ -493,15 +493,36 @@ def test_kept_tokens_are_those_of_a_full_sort(vocab, spread, rounding, top_k, to
     x = torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * spread
     if rounding:
         x = (x / rounding).round() * rounding
+    _check_kept_tokens(x, top_k, top_p)
+
+
+@pytest.mark.parametrize("top_p", [0.7, 0.9, 0.9999999])
+@pytest.mark.parametrize("rounding", [None, 0.01])
+@pytest.mark.parametrize("spread", [0.7, 2.0])
+def test_kept_tokens_of_a_large_nucleus(spread, top_p, rounding):
+    """A nucleus past the top-k's growth (thousands of tokens of 128,256: the random-weight
+    2B-4T's flat logits) is taken from the sorted values, the 32,768 largest first (spread 2.0
+    and top_p <= 0.9: 8,900-30,000 tokens), all of them when it is larger: the same tokens as a
+    full sort, ties at its edge included (``rounding``: logits on a grid)."""
+    x = torch.randn(128256, generator=torch.Generator().manual_seed(1)) * spread
+    if rounding:
+        x = (x / rounding).round() * rounding
+    assert _check_kept_tokens(x, None, top_p) > 4096
+
+
+def _check_kept_tokens(x: torch.Tensor, top_k, top_p) -> int:
+    """_kept_tokens(x) against _nucleus_by_full_sort; returns how many tokens it kept."""
+    vocab = x.numel()
     ids, weights = _kept_tokens(x, float(x.max()), top_k, top_p)
     expected = _nucleus_by_full_sort(x, top_k, top_p)
     if ids is None:  # no filter: every token
         assert top_k is None or top_k >= vocab
         assert weights.shape == (vocab,) and expected == sorted(x.double().tolist())
-        return
+        return vocab
     assert len(set(ids.tolist())) == len(ids)
     assert sorted(x.double()[torch.from_numpy(ids)].tolist()) == expected
     np.testing.assert_allclose(weights, np.exp(x.double()[torch.from_numpy(ids)].numpy() - float(x.max())))
+    return len(ids)
 
 
 def test_sample_draws_the_nucleus_in_proportion():

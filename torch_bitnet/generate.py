@@ -411,12 +411,13 @@ class DecodeSession:
 
         The step is a function whose code (dynamo's) fetches the graph's inputs, calls the
         compiled graph (a global of that function, named by ``backend_id``) with them as flat
-        tensors, and returns its output 0. That call is intercepted once; it is kept for
-        :meth:`step` only if it happened exactly once, took tensors only and its output 0 is
-        what the step returned. (Whatever else the step's code does after the call, transformers'
-        output-capturing flags, sets the same values on every step: running it once per loop
-        suffices.) Without the torch internals this relies on, nothing is recorded and every
-        step runs the step's own code.
+        tensors, and returns its output. That call is intercepted once; it is kept for
+        :meth:`step` only if it happened exactly once, took tensors only and its one output is
+        what the step returned (a graph with more outputs would hand state back to the step's
+        code, which the recorded call skips). What else the step's code does after the call,
+        transformers' output-capturing flags, sets the same values on every step: running it
+        once per loop suffices. Without the torch internals this relies on, nothing is recorded
+        and every step runs the step's own code.
         """
         env = getattr(getattr(self._step, "fn", None), "__globals__", None)
         backend_id = getattr(getattr(self._step, "_artifacts", None), "backend_id", None)
@@ -441,7 +442,7 @@ class DecodeSession:
             if (
                 all(isinstance(t, torch.Tensor) for t in flat)
                 and isinstance(out, (tuple, list))
-                and len(out) > 0
+                and len(out) == 1
                 and out[0] is result
             ):
                 self._graph_call = (graph, flat)

@@ -159,3 +159,14 @@ def test_sample_baseline_keeps_the_same_tokens():
             assert int(drawn.max()) < limits[name] and int(drawn.min()) >= 0, (name, sampler)
     with pytest.raises(SystemExit):
         script.parse_args(["--vocab", "x"])
+
+
+@pytest.mark.slow
+def test_step_ops_bench_splits_the_step_time(checkpoint, capsys):
+    figures = _script("bench_step_ops").main(
+        ["--model", str(checkpoint), "--threads", "1", "--context", "8", "--steps", "3", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert "ms per token under the profiler" in printed and "bitnet::decoder_layer" in printed
+    assert 0 < figures["ops_ms"] < figures["ms_per_token"]
+    with pytest.raises(SystemExit):
+        _script("bench_step_ops").parse_args(["--steps", "0"])

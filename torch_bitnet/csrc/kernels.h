@@ -12,12 +12,48 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 
 namespace tbn {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// A 64-byte aligned scratch buffer kept from call to call by its owner (a thread_local, one per
+// thread): get(bytes) grows it, and replaces it with one of the asked size when a call needs
+// under a quarter of it, so a long prompt's buffer does not outlive the prompt. Keeping it
+// spares the allocator: decoder_layer's ~15 MB per layer at 256-token prefill chunks,
+// allocated per call, let glibc's heap grow 20-100 MB past the live memory (its mmap threshold
+// rises to the size of a freed mapping, so later blocks come from the heap and fragment it;
+// BENCHMARKS.md, 2026-12-07, fifth session).
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(data_); }
+
+  // At least `bytes` bytes, valid until the next get. Throws std::bad_alloc (at::parallel_for
+  // and the dispatcher rethrow it in the caller).
+  void* get(size_t bytes) {
+    if (bytes > size_ || bytes < size_ / 4) {
+      std::free(data_);
+      data_ = nullptr;
+      size_ = 0;
+      const size_t size = std::max<size_t>(64, (bytes + 63) / 64 * 64);  // aligned_alloc: a multiple of 64
+      data_ = std::aligned_alloc(64, size);
+      if (!data_) throw std::bad_alloc();
+      size_ = size;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
 
 // ---- float <-> 16-bit float, round to nearest even (bit-compatible with c10) ----
 

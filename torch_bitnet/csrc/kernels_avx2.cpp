@@ -12,9 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <new>
 #include <utility>
 
 #include "avx2_common.h"
@@ -374,27 +372,10 @@ constexpr std::array<std::array<ChunkFn, kChunkMR>, sizeof...(V)> chunk_tiles(st
 // [nv - 1][mr - 1]
 constexpr auto kChunkTiles = chunk_tiles(std::make_integer_sequence<int, kChunkVecs>());
 
-// One thread's partial sums, grown to the largest M seen: kChunkMR x kChunkVecs vectors per
-// token tile.
-struct PartialSums {
-  int32_t* data = nullptr;
-  size_t size = 0;
-  ~PartialSums() { std::free(data); }
-  int32_t* get(size_t count) {
-    if (count > size) {
-      std::free(data);
-      data = static_cast<int32_t*>(std::aligned_alloc(64, count * sizeof(int32_t)));
-      size = data ? count : 0;
-      if (!data) throw std::bad_alloc();  // at::parallel_for rethrows it in the caller
-    }
-    return data;
-  }
-};
-
 void gemm_chunks(const GemmProblem& p, int64_t n0, int64_t n1) {
   constexpr int64_t tile_ints = kChunkMR * kChunkVecs * 8;
-  thread_local PartialSums partial;
-  int32_t* part = partial.get(size_t((p.m + kChunkMR - 1) / kChunkMR * tile_ints));
+  thread_local AlignedBuffer partial;  // one thread's partial sums: kChunkMR x kChunkVecs vectors per token tile
+  int32_t* part = static_cast<int32_t*>(partial.get(size_t((p.m + kChunkMR - 1) / kChunkMR * tile_ints) * sizeof(int32_t)));
   alignas(64) uint8_t chunk[64 * kChunkVecs * 32];
   const int64_t nblk = p.k_pad / 256;
   for (int64_t n = n0; n < n1; n += kChunkRows) {

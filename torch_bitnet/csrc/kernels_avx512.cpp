@@ -6,9 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <new>
 #include <utility>
 
 #include "avx512_common.h"
@@ -371,25 +369,9 @@ constexpr std::array<std::array<PanelFn, kPanelMR>, sizeof...(V)> panel_tiles(st
 // [nv - 1][mr - 1]
 constexpr auto kPanelTiles = panel_tiles(std::make_integer_sequence<int, kPanelVecs>());
 
-// One thread's panel, grown to the largest Kp seen (kPanelRows x Kp bytes).
-struct PanelBuffer {
-  uint8_t* data = nullptr;
-  size_t size = 0;
-  ~PanelBuffer() { std::free(data); }
-  uint8_t* get(size_t bytes) {
-    if (bytes > size) {
-      std::free(data);
-      data = static_cast<uint8_t*>(std::aligned_alloc(64, bytes));
-      size = data ? bytes : 0;
-      if (!data) throw std::bad_alloc();  // at::parallel_for rethrows it in the caller
-    }
-    return data;
-  }
-};
-
 void gemm_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
-  thread_local PanelBuffer buffer;
-  uint8_t* panel = buffer.get(size_t(kPanelRows * p.k_pad));
+  thread_local AlignedBuffer buffer;  // one thread's panel: kPanelRows x Kp bytes
+  uint8_t* panel = static_cast<uint8_t*>(buffer.get(size_t(kPanelRows * p.k_pad)));
   for (int64_t n = n0; n < n1; n += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, n1 - n);
     const int64_t nv = (rows + 15) / 16;

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -941,34 +940,6 @@ void add_into(const void* a, const void* b, DType dt, int64_t n, void* out) {
   });
 }
 
-// decoder_layer's intermediates: one buffer per calling thread, kept from call to call. A new
-// buffer per call (~15 MB per layer for a 256-token prefill chunk of 2B-4T) made glibc's heap
-// grow 20-100 MB past the live memory during a prefill (its mmap threshold rises to the size of
-// a freed mapping, so later buffers come from the heap and fragment it): peak RSS of a 2B-4T
-// run 1376-1400 MB, 1333-1337 with this buffer (BENCHMARKS.md, 2026-12-07, fifth session). A
-// call needing under a quarter of it (a decode step after a prefill) replaces it with one of
-// its own size, so a long prompt's buffer does not outlive the prompt.
-struct LayerWorkspace {
-  void* data = nullptr;
-  int64_t size = 0;
-  ~LayerWorkspace() { std::free(data); }
-};
-
-// A 64-byte aligned buffer of at least `bytes` bytes, valid until the thread's next call.
-char* layer_workspace(int64_t bytes) {
-  thread_local LayerWorkspace ws;
-  if (bytes > ws.size || bytes < ws.size / 4) {
-    std::free(ws.data);
-    ws.data = nullptr;
-    ws.size = 0;
-    const int64_t size = std::max<int64_t>(64, (bytes + 63) / 64 * 64);  // aligned_alloc: a multiple of 64
-    ws.data = std::aligned_alloc(64, size_t(size));
-    TORCH_CHECK(ws.data != nullptr, "bitnet: decoder_layer could not allocate its ", size, "-byte workspace");
-    ws.size = size;
-  }
-  return static_cast<char*>(ws.data);
-}
-
 // x (B, Q, hidden) -> the layer's output (B, Q, hidden), writing the Q new keys / values into
 // the int8 cache at `positions`. packed / scales: q, k, v, o, gate, up, down; norms / eps:
 // input_layernorm, attn_sub_norm, post_attention_layernorm, ffn_sub_norm. The steps and their
@@ -1029,7 +1000,7 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
   const int64_t kp_qkv = pad_k_for(hidden, trit5[0] || trit5[1] || trit5[2]), kp_o = pad_k_for(hd, trit5[3]);
   const int64_t kp_gu = pad_k_for(hidden, trit5[4] || trit5[5]), kp_down = pad_k_for(inter, trit5[6]);
   // The intermediates, in one buffer (a dozen tensors cost ~1 us of allocator and dispatcher
-  // each, 30 layers per decode token, on the thread the others wait for; see layer_workspace):
+  // each, 30 layers per decode token, on the thread the others wait for):
   // the quantized input (reused by all four quantizations), h = x + attention (kept to the
   // end), then the attention's buffers, and over the same bytes the MLP's.
   auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
@@ -1044,7 +1015,8 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
   const int64_t o_gate = o_qkv, o_up = o_gate + aligned(m * inter * elem);  // (M, inter) each
   const int64_t o_down = o_up + aligned(m * inter * elem);                  // (M, hidden)
   const int64_t bytes = std::max(o_o + aligned(m * hidden * elem), o_down + aligned(m * hidden * elem));
-  char* const base = layer_workspace(bytes);
+  thread_local AlignedBuffer workspace;  // kept between calls (see AlignedBuffer)
+  char* const base = static_cast<char*>(workspace.get(size_t(bytes)));
   uint8_t* const xq_buf = reinterpret_cast<uint8_t*>(base);
   void* const h = base + o_h;
   char* const qo = base + o_qkv;

@@ -540,6 +540,12 @@ def test_sample_draws_the_nucleus_in_proportion():
     assert float((counts[:10] - expected[:10]).abs().max()) < 0.02
 
 
+def test_sample_keeps_the_most_probable_token_at_top_p_zero():
+    """top_p = 0 drops every token after the first (the nucleus keeps at least one)."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
+    assert int(sample(logits, temperature=1.0, top_p=0.0, generator=torch.Generator().manual_seed(0))) == 1
+
+
 def test_sample_rows_and_bad_logits():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 5.0, -math.inf], [9.0, -math.inf, 0.0]])

@@ -664,11 +664,15 @@ def _kept_tokens(x: torch.Tensor, top: float, top_k: int | None, top_p: float | 
     else:
         return None, torch.exp(x - top).double()
     if top_p is not None and top_p < 1.0:
-        # ids are the most probable first here. Drop a token when the tokens before it already
-        # reach top_p (the first always stays).
-        kept = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))
+        kept = _nucleus_size(probs, top_p)  # ids are the most probable first here
         ids, weights = ids[:kept], weights[:kept]
     return ids, weights
+
+
+def _nucleus_size(probs: np.ndarray, top_p: float) -> int:
+    """How many of probs (the most probable first) the nucleus keeps: a token is dropped when
+    the tokens before it already reach top_p; the first always stays."""
+    return max(1, int(np.count_nonzero(np.cumsum(probs) - probs < top_p)))
 
 
 # _kept_tokens grows its candidates 64 -> 512 -> 4096 tokens, then sorts values only
@@ -702,13 +706,11 @@ def _nucleus_of_all(xs: np.ndarray, top: float, total: float, top_p: float) -> n
     m = min(vocab, 32768)
     part = xs if m == vocab else np.partition(xs, vocab - m)  # the m largest last
     desc = np.sort(part[vocab - m :])[::-1].astype(np.float64)
-    while True:
-        probs = np.exp(desc - top) / total
-        cum = np.cumsum(probs)
-        if len(desc) == vocab or cum[-1] >= top_p:
-            break
+    probs = np.exp(desc - top) / total
+    if m < vocab and probs.cumsum()[-1] < top_p:
         desc = np.concatenate([desc, np.sort(part[: vocab - m])[::-1].astype(np.float64)])
-    n = max(1, int(np.count_nonzero(cum - probs < top_p)))
+        probs = np.exp(desc - top) / total
+    n = _nucleus_size(probs, top_p)
     edge = xs.dtype.type(desc[n - 1])
     above = np.flatnonzero(xs > edge)
     return np.concatenate([above, np.flatnonzero(xs == edge)[: n - len(above)]])

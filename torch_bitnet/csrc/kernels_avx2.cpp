@@ -152,16 +152,52 @@ TB_AVX2 void gemm_tile(const GemmProblem& p, int64_t m, int64_t n) {
     for (int r = 0; r < NR; ++r) store_result(p, m + t, n + r, hsum_epi32(acc[t][r]));
 }
 
-// Decode kernel (M = 1): one token against NR output rows, with block_half's arithmetic (per
-// 32 packed bytes of a row: 1 load, 3 shifts, 4 AND, 4 VPMADDUBSW and 4 int16 adds; the 4
-// activation vectors are shared by the NR rows). A row's int16 sums grow by at most 4096 per
-// 64-byte block (8 pairs of at most 2 * 2 * 128 = 512), so kWiden = 4 blocks (16384) pass
-// before one VPMADDWD widens them to int32, and NR lines per block are prefetched kGemvPrefetch
-// bytes ahead into L2, as in the AVX-512 decode kernel. The gemm tiles above, which widen every
-// block and prefetch nothing, streamed 26-34% of a plain read at M = 1 on an AVX2-only Zen 3:
-// DRAM latency, not arithmetic, held them back.
-constexpr int64_t kGemvPrefetch = 8192;
+// Decode kernel (M = 1): one token against NR output rows. Per 32 packed bytes of a row it
+// needs one shift instead of block_half's three: planes 0 and 2 are masked in place from the
+// bytes (codes, and codes * 16), planes 1 and 3 the same way after one 2-bit shift, and the
+// two products of the * 16 planes are shifted back once, together. Bounds: a VPMADDUBSW pair
+// of the * 16 codes (0, 16, 32) is at most 2 * 32 * 128 = 8192 in magnitude, so the two such
+// products add up to at most 16384 without saturating, and their sum is a multiple of 16, so
+// the arithmetic shift by 4 is exact. The row then adds the same at most 4096 per 64-byte block
+// to its int16 sums as block_half does, so kWiden = 4 blocks (16384) pass before one VPMADDWD
+// widens them to int32. The activation vectors are loaded again for every row (memory operands
+// of VPMADDUBSW, from L1) rather than held in registers across rows, which left the compiler
+// spilling the sums of 4-row tiles. NR lines per block are prefetched kGemvPrefetch bytes
+// ahead into L2.
+//
+// Measured on an AVX2-only Zen 3 (all 210 ternary weights of a 2B-4T, one token, old and new
+// kernels alternating in one process, 30-60 rounds): the one-shift extraction 5-9% faster than
+// block_half's at 1 thread, prefetching 4 KiB ahead instead of 8 KiB another 3-5% (16 KiB
+// lost 10%, 2-3 KiB 3-9%), 2 rows per tile within +-4% of 1 and 4 rows, 6 rows 10% slower;
+// together 7-14% faster at 1 thread and 12-20% at 2. The gemm tiles, which widen every block
+// and prefetch nothing, streamed 26-34% of a plain read at M = 1 there: DRAM latency, not
+// arithmetic, held them back.
+constexpr int64_t kGemvPrefetch = 4096;
 constexpr int64_t kWiden = 4;
+
+// The 32 activations of plane I (k = 64 I .. 64 I + 31 of the half at x).
+template <int I>
+TB_AVX2_INLINE __m256i plane_x(const int8_t* x) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64 * I));
+}
+
+// Half H (bytes 32H..32H+31) of one 64-byte block of NR rows against one token; int16 sums.
+template <int H, int NR>
+TB_AVX2_INLINE void gemv_half(__m256i (&part)[NR], const uint8_t* wb, int64_t ldw, const int8_t* xb) {
+  const __m256i low2 = _mm256_set1_epi8(0x03), high2 = _mm256_set1_epi8(0x30);
+  #pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    const int8_t* x = xb + 32 * H;
+    __asm__ volatile("" : "+r"(x));  // a new pointer per row: its loads fold into VPMADDUBSW
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * ldw + 32 * H));
+    const __m256i shifted = _mm256_srli_epi16(wv, 2);
+    const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv, low2), plane_x<0>(x)),
+                                         _mm256_maddubs_epi16(_mm256_and_si256(shifted, low2), plane_x<1>(x)));
+    const __m256i high = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(wv, high2), plane_x<2>(x)),
+                                          _mm256_maddubs_epi16(_mm256_and_si256(shifted, high2), plane_x<3>(x)));
+    part[r] = _mm256_add_epi16(part[r], _mm256_add_epi16(low, _mm256_srai_epi16(high, 4)));
+  }
+}
 
 template <int NR>
 TB_AVX2 void gemv_tile(const GemmProblem& p, int64_t n) {
@@ -173,26 +209,25 @@ TB_AVX2 void gemv_tile(const GemmProblem& p, int64_t n) {
   const char* pf = reinterpret_cast<const char*>(w) + kGemvPrefetch;
   const int64_t nblk = p.k_pad / 256;
   for (int64_t b0 = 0; b0 < nblk; b0 += kWiden) {
-    __m256i part[1][NR];  // one token's int16 sums, as block_half makes them
+    __m256i part[NR];
     #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) part[0][r] = _mm256_setzero_si256();
+    for (int r = 0; r < NR; ++r) part[r] = _mm256_setzero_si256();
     const int64_t b1 = std::min(nblk, b0 + kWiden);
     for (int64_t b = b0; b < b1; ++b) {
       #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) _mm_prefetch(pf + 64 * (NR * b + r), _MM_HINT_T1);
-      block_half<0>(part, w + 64 * b, p.ldw, p.xq + 256 * b, p.ldq);
-      block_half<1>(part, w + 64 * b, p.ldw, p.xq + 256 * b, p.ldq);
+      gemv_half<0>(part, w + 64 * b, p.ldw, p.xq + 256 * b);
+      gemv_half<1>(part, w + 64 * b, p.ldw, p.xq + 256 * b);
     }
     #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[0][r], ones));
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
   }
   #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) store_result(p, 0, n + r, hsum_epi32(acc[r]));
 }
 
-constexpr int kGemvNR = 4;
-constexpr void (*kGemvTiles[kGemvNR])(const GemmProblem&, int64_t) = {gemv_tile<1>, gemv_tile<2>, gemv_tile<3>,
-                                                                        gemv_tile<4>};
+constexpr int kGemvNR = 2;
+constexpr void (*kGemvTiles[kGemvNR])(const GemmProblem&, int64_t) = {gemv_tile<1>, gemv_tile<2>};
 
 constexpr int kMR = 2;
 constexpr int kNR = 4;

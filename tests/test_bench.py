@@ -164,9 +164,14 @@ def test_sample_baseline_keeps_the_same_tokens():
 @pytest.mark.slow
 def test_step_ops_bench_splits_the_step_time(checkpoint, capsys):
     figures = _script("bench_step_ops").main(
-        ["--model", str(checkpoint), "--threads", "1", "--context", "8", "--steps", "3", "--top", "3"])
+        ["--model", str(checkpoint), "--threads", "1", "--context", "8", "--steps", "3", "--top", "3", "--rounds", "2"])
     printed = capsys.readouterr().out
     assert "ms per token under the profiler" in printed and "bitnet::decoder_layer" in printed
     assert 0 < figures["ops_ms"] < figures["ms_per_token"]
-    with pytest.raises(SystemExit):
-        _script("bench_step_ops").parse_args(["--steps", "0"])
+    alone = figures["alone"]
+    assert set(alone) == {"decode step", "ternary products", "plain read of them", "lm_head product", "plain read of it"}
+    assert all(ms > 0 for ms in alone.values())
+    assert "ternary products at" in printed and "lm_head product at" in printed
+    for bad in (["--steps", "0"], ["--rounds", "-1"]):
+        with pytest.raises(SystemExit):
+            _script("bench_step_ops").parse_args(bad)

@@ -167,9 +167,9 @@ TB_AVX2 void gemm_tile(const GemmProblem& p, int64_t m, int64_t n) {
 //
 // Measured on an AVX2-only Zen 3 (all 210 ternary weights of a 2B-4T, one token, old and new
 // kernels alternating in one process, 30-60 rounds): the one-shift extraction 5-9% faster than
-// block_half's at 1 thread, prefetching 4 KiB ahead instead of 8 KiB another 3-5% (16 KiB
-// lost 10%, 2-3 KiB 3-9%), 2 rows per tile within +-4% of 1 and 4 rows, 6 rows 10% slower;
-// together 7-14% faster at 1 thread and 12-20% at 2. The gemm tiles, which widen every block
+// block_half's at 1 thread, prefetching 4 KiB ahead instead of 8 KiB another 3-7% (16 KiB
+// lost 10%, 2-3 KiB 3-10%), 2 rows per tile within +-4% of 1 and 4 rows, 6 rows 9-12% slower;
+// together ~12% faster at 1 thread and ~19% at 2. The gemm tiles, which widen every block
 // and prefetch nothing, streamed 26-34% of a plain read at M = 1 there: DRAM latency, not
 // arithmetic, held them back.
 constexpr int64_t kGemvPrefetch = 4096;

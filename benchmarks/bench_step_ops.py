@@ -16,11 +16,12 @@ little time per recorded event, so the share is a lower bound.
 
 Then, without the profiler, ``--rounds`` rounds alternate: the decode step (``--steps`` steps,
 going on from the profiled ones, so the context grows by ``--steps`` per round), every
-BitLinear weight of the model alone as ``ternary_mm`` of one token, the lm_head alone, and
-``stream_max`` (a plain read) over the same bytes. Printed: each one's median ms and GB/s, and
-each product's speed as a fraction of the plain read of the same bytes, so a kernel that falls
-behind the memory shows up as such. (The ternary products are called one by one from Python,
-~10-20 us each, which the fused layer's calls do not pay.)
+BitLinear weight of the model alone as ``ternary_mm`` of one token, the lm_head module alone
+(whichever ``--lm-head``: its codes and scales), and ``stream_max`` (a plain read) over the same
+bytes. Printed: each one's median ms and GB/s, and each product's speed as a fraction of the
+plain read of the same bytes, so a kernel that falls behind the memory shows up as such. (The
+ternary products are called one by one from Python, ~10-20 us each, which the fused layer's
+calls do not pay.)
 """
 
 from __future__ import annotations
@@ -99,10 +100,9 @@ def products_alone(model, session, token, position, args) -> dict:
     """Median ms of the decode step and of the model's products run alone, against a plain read
     of the same bytes (see the module docstring); printed and returned by name."""
     ternary = [(m.weight, m.in_features, m.out_features) for m in model.modules() if isinstance(m, tb.BitLinear)]
-    head = model.get_output_embeddings()
-    if not isinstance(head, tb.Int8Linear):
-        print("products alone: measured for the int8 table only")
-        return {}
+    head = model.get_output_embeddings()  # the table as a module: Int8Linear, Int4Linear or a bf16 Linear
+    table = list({t.data_ptr(): t.detach().reshape(-1).view(torch.uint8) for t in [*head.parameters(), *head.buffers()]}.values())
+    table_bytes = sum(t.numel() for t in table)
     xq = {k: torch.randint(-128, 128, (1, k), dtype=torch.int8) for k in {k for _, k, _ in ternary}}
     x = torch.randn(1, head.in_features, dtype=torch.bfloat16)
     ternary_bytes = sum(w.numel() for w, _, _ in ternary)
@@ -117,18 +117,18 @@ def products_alone(model, session, token, position, args) -> dict:
             tb.ternary_mm(xq[k], w, k, n)
 
     def table_product():
-        tb.int8_linear(x, head.weight, head.weight_scale, head.in_features, head.out_features)
+        head(x)
 
     def read(buffers):
         for b in buffers:
-            tb.stream_max(b.reshape(-1))
+            tb.stream_max(b.reshape(-1).view(torch.uint8))
 
     runs = {
-        "decode step": (steps, args.steps, ternary_bytes + head.weight.numel()),
+        "decode step": (steps, args.steps, ternary_bytes + table_bytes),
         "ternary products": (ternary_products, 1, ternary_bytes),
         "plain read of them": (lambda: read([w for w, _, _ in ternary]), 1, ternary_bytes),
-        "lm_head product": (table_product, 1, head.weight.numel()),
-        "plain read of it": (lambda: read([head.weight]), 1, head.weight.numel()),
+        "lm_head product": (table_product, 1, table_bytes),
+        "plain read of it": (lambda: read(table), 1, table_bytes),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):

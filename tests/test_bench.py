@@ -162,9 +162,10 @@ def test_sample_baseline_keeps_the_same_tokens():
 
 
 @pytest.mark.slow
-def test_step_ops_bench_splits_the_step_time(checkpoint, capsys):
-    figures = _script("bench_step_ops").main(
-        ["--model", str(checkpoint), "--threads", "1", "--context", "8", "--steps", "3", "--top", "3", "--rounds", "2"])
+@pytest.mark.parametrize("lm_head", ["int8", "int4"])
+def test_step_ops_bench_splits_the_step_time(checkpoint, capsys, lm_head):
+    figures = _script("bench_step_ops").main(["--model", str(checkpoint), "--threads", "1", "--context", "8",
+                                              "--steps", "3", "--top", "3", "--rounds", "2", "--lm-head", lm_head])
     printed = capsys.readouterr().out
     assert "ms per token under the profiler" in printed and "bitnet::decoder_layer" in printed
     assert 0 < figures["ops_ms"] < figures["ms_per_token"]

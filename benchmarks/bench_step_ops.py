@@ -101,8 +101,8 @@ def products_alone(model, session, token, position, args) -> dict:
     of the same bytes (see the module docstring); printed and returned by name."""
     ternary = [(m.weight, m.in_features, m.out_features) for m in model.modules() if isinstance(m, tb.BitLinear)]
     head = model.get_output_embeddings()  # the table as a module: Int8Linear, Int4Linear or a bf16 Linear
-    table = list({t.data_ptr(): t.detach().reshape(-1).view(torch.uint8) for t in [*head.parameters(), *head.buffers()]}.values())
-    table_bytes = sum(t.numel() for t in table)
+    table = list({t.data_ptr(): t.detach() for t in [*head.parameters(), *head.buffers()]}.values())
+    table_bytes = sum(t.numel() * t.element_size() for t in table)
     xq = {k: torch.randint(-128, 128, (1, k), dtype=torch.int8) for k in {k for _, k, _ in ternary}}
     x = torch.randn(1, head.in_features, dtype=torch.bfloat16)
     ternary_bytes = sum(w.numel() for w, _, _ in ternary)
@@ -119,7 +119,7 @@ def products_alone(model, session, token, position, args) -> dict:
     def table_product():
         head(x)
 
-    def read(buffers):
+    def read(buffers):  # any dtype, read as its bytes
         for b in buffers:
             tb.stream_max(b.reshape(-1).view(torch.uint8))
 

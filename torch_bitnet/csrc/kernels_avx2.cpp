@@ -253,13 +253,20 @@ constexpr TileFn kTiles[kMR][kNR] = {
 //
 // Measured (1 thread, 2560 x 2560, float32 out, this project's 2-core EPYC): 130-150 GMAC/s at
 // M = 8-512 against 50-80 for the 2 x 4 tiles, which re-extract the code planes for every
-// token tile and reduce every output horizontally. 4 x 2, 5 x 2, 6 x 2, 3 x 3 and 3 x 4 tiles
-// measured alike; unpacking is cheap next to VPMADDUBSW, so the chunks win from M = 3-4
-// (2560 x 2560 and 6912 x 2560).
+// token tile and reduce every output horizontally; unpacking is cheap next to VPMADDUBSW, so the
+// chunks win from M = 3-4 (2560 x 2560 and 6912 x 2560).
+//
+// The activations are broadcast with VBROADCASTSS from memory, not VPBROADCASTD: on an AVX2-only
+// Zen 3 a register-only loop of the 4 x 2 tile's instructions ran 102 G multiply-adds/s with the
+// float broadcast against 91 with the integer one (consistent with the latter also taking a
+// vector pipe there, next to the 16 VPMADDUBSW / VPADDW of a step); the tiles then ran 6-12%
+// faster. With the broadcasts off the vector pipes, 6 x 2 tiles (12 accumulators, 2 weight
+// vectors and the broadcast: 15 of the 16 registers) beat 4 x 2 by 8-10%, 5 x 2 by 0-1%,
+// and 3 x 2 lost 13-17% (the three 2B-4T shapes at M = 256, 1 and 2 threads).
 
 constexpr int kChunkVecs = 2;
 constexpr int64_t kChunkRows = 8 * kChunkVecs;
-constexpr int kChunkMR = 4;
+constexpr int kChunkMR = 6;
 constexpr int64_t kChunkMinM = 4;
 
 
@@ -362,9 +369,9 @@ TB_AVX2 void chunk_tile(const GemmProblem& p, const uint8_t* chunk, int64_t m, i
       wv[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(chunk + (q * kChunkVecs + v) * 32));
     #pragma GCC unroll 16
     for (int t = 0; t < MR; ++t) {
-      int32_t x4;
-      std::memcpy(&x4, x + t * p.ldq + 4 * q, 4);
-      const __m256i xb = _mm256_set1_epi32(x4);
+      // the token's 4 activations k = 4q .. 4q + 3 in every lane (see above for the float broadcast)
+      const __m256i xb =
+          _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(x + t * p.ldq + 4 * q)));
       #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_add_epi16(acc[t][v], _mm256_maddubs_epi16(wv[v], xb));
     }
@@ -417,6 +424,14 @@ void gemm_chunks(const GemmProblem& p, int64_t n0, int64_t n1) {
     const int64_t rows = std::min(kChunkRows, n1 - n);
     const int64_t nv = (rows + 7) / 8;
     for (int64_t b = 0; b < nblk; ++b) {
+      // The lines unpacked next (the next block of these rows, or the next panel's first), into
+      // L1 while this block's tiles run: unpacking read them straight from memory, ~4% of a
+      // prefill's samples; with the prefetch the three 2B-4T shapes ran 4-5% faster at M = 256.
+      const bool more = b + 1 < nblk;
+      const uint8_t* next = more ? p.w + n * p.ldw + 64 * (b + 1) : p.w + (n + kChunkRows) * p.ldw;
+      const int64_t next_rows = more ? rows : std::min(kChunkRows, n1 - n - kChunkRows);
+      for (int64_t r = 0; r < next_rows; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(next + r * p.ldw), _MM_HINT_T0);
       unpack_chunk(p, n, rows, b, chunk);
       for (int64_t m = 0; m < p.m; m += kChunkMR)
         kChunkTiles[nv - 1][std::min<int64_t>(kChunkMR, p.m - m) - 1](

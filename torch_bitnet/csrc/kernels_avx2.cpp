@@ -362,8 +362,8 @@ TB_AVX2 void chunk_tile(const GemmProblem& p, const uint8_t* chunk, int64_t m, i
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_si256();
   // Each token's row of the block, as its own pointer: computed in the loop (x + t * ldq + 4q),
-  // GCC added one LEA per broadcast, 6 more scalar instructions per step of 36, and the tiles
-  // ran 11-12% slower (the three 2B-4T shapes at M = 256, 1 and 2 threads).
+  // GCC added LEAs for the broadcasts' addresses (41 instructions per step instead of 36), and
+  // the tiles ran 11-13% slower (the three 2B-4T shapes at M = 256, 1 and 2 threads).
   const int8_t* xr[MR];
   #pragma GCC unroll 16
   for (int t = 0; t < MR; ++t) xr[t] = p.xq + (m + t) * p.ldq + 256 * b;

@@ -433,10 +433,12 @@ void gemm_chunks(const GemmProblem& p, int64_t n0, int64_t n1) {
       // L1 while this block's tiles run: unpacking read them straight from memory, ~4% of a
       // prefill's samples; with the prefetch the three 2B-4T shapes ran 4-5% faster at M = 256.
       const bool more = b + 1 < nblk;
-      const uint8_t* next = more ? p.w + n * p.ldw + 64 * (b + 1) : p.w + (n + kChunkRows) * p.ldw;
       const int64_t next_rows = more ? rows : std::min(kChunkRows, n1 - n - kChunkRows);
-      for (int64_t r = 0; r < next_rows; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(next + r * p.ldw), _MM_HINT_T0);
+      if (next_rows > 0) {
+        const uint8_t* next = more ? p.w + n * p.ldw + 64 * (b + 1) : p.w + (n + kChunkRows) * p.ldw;
+        for (int64_t r = 0; r < next_rows; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(next + r * p.ldw), _MM_HINT_T0);
+      }
       unpack_chunk(p, n, rows, b, chunk);
       for (int64_t m = 0; m < p.m; m += kChunkMR)
         kChunkTiles[nv - 1][std::min<int64_t>(kChunkMR, p.m - m) - 1](

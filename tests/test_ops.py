@@ -344,9 +344,10 @@ def test_ternary_mm_matches_reference(isa, lead, k, n, xkinds, wmode, seed):
 # Tile edges of the kernels (avx512: 4 x 4 tiles below M = 128, a separate M = 1 kernel; avx2: an
 # M = 1 kernel of 2-row tiles, 2 x 4 tiles below M = 4, then 6-token x 16-row tiles of unpacked
 # weights) and token chunks of the small tiles (256 KiB of activations: 100 rows at Kp = 2560, 36
-# at Kp = 6912 on avx512).
+# at Kp = 6912 on avx512), and avx2's token groups above 256 tokens (257: 132 + 125; 520: 174 +
+# 174 + 172).
 TILE_CASES = [(m, n, k) for m in (1, 2, 3, 4, 5) for n in (1, 2, 3, 4, 5, 7, 8, 9, 17) for k in (1, 256, 257)]
-CHUNK_CASES = [(257, 19, 2560), (103, 6, 2560), (40, 9, 6912), (73, 5, 6912), (9, 33, 300)]
+CHUNK_CASES = [(257, 19, 2560), (103, 6, 2560), (40, 9, 6912), (73, 5, 6912), (9, 33, 300), (520, 21, 520)]
 # avx512 from M = 128 (127 still takes the 4 x 4 tiles): 64-row panels of 16-row vectors, 6-token
 # tiles; every token-tile remainder, partial vectors and panels, one to three blocks (and avx2's
 # 16-row panels of 8-row vectors, 6-token tiles: M mod 6 takes every value here too).

@@ -268,6 +268,13 @@ constexpr int kChunkVecs = 2;
 constexpr int64_t kChunkRows = 8 * kChunkVecs;
 constexpr int kChunkMR = 6;
 constexpr int64_t kChunkMinM = 4;
+// Tokens per pass over a thread's rows. Every panel streams its tokens' activations once per
+// block, and past ~256 tokens (2.5-7 MB at the 2B-4T widths) they no longer stayed in cache:
+// `ternary_mm` over the three 2B-4T shapes ran 0.80x the speed of M = 256 at M = 1024 and 0.63x
+// at 2048 (2 threads, Zen 3). Longer inputs (a forward over a whole sequence, a prefill chunk
+// above 256) take the rows once per group of at most this many tokens: 1.19x / 1.24x at M =
+// 1024 (2 / 1 threads), 1.22x at 2048 (2 threads); groups of 512 gained about half as much.
+constexpr int64_t kChunkGroupTokens = 256;
 
 
 // 8 packed rows (from w, stride ldw; only the first `rows` real unless Full, the others read
@@ -421,28 +428,34 @@ constexpr auto kChunkTiles = chunk_tiles(std::make_integer_sequence<int, kChunkV
 
 void gemm_chunks(const GemmProblem& p, int64_t n0, int64_t n1) {
   constexpr int64_t tile_ints = kChunkMR * kChunkVecs * 8;
+  // equal token groups of at most kChunkGroupTokens, in whole tiles but the last
+  const int64_t groups = (p.m + kChunkGroupTokens - 1) / kChunkGroupTokens;
+  const int64_t group = ((p.m + groups - 1) / groups + kChunkMR - 1) / kChunkMR * kChunkMR;
   thread_local AlignedBuffer partial;  // one thread's partial sums: kChunkMR x kChunkVecs vectors per token tile
-  int32_t* part = static_cast<int32_t*>(partial.get(size_t((p.m + kChunkMR - 1) / kChunkMR * tile_ints) * sizeof(int32_t)));
+  int32_t* part = static_cast<int32_t*>(partial.get(size_t(group / kChunkMR * tile_ints) * sizeof(int32_t)));
   alignas(64) uint8_t chunk[64 * kChunkVecs * 32];
   const int64_t nblk = p.k_pad / 256;
-  for (int64_t n = n0; n < n1; n += kChunkRows) {
-    const int64_t rows = std::min(kChunkRows, n1 - n);
-    const int64_t nv = (rows + 7) / 8;
-    for (int64_t b = 0; b < nblk; ++b) {
-      // The lines unpacked next (the next block of these rows, or the next panel's first), into
-      // L1 while this block's tiles run: unpacking read them straight from memory, ~4% of a
-      // prefill's samples; with the prefetch the three 2B-4T shapes ran 4-5% faster at M = 256.
-      const bool more = b + 1 < nblk;
-      const int64_t next_rows = more ? rows : std::min(kChunkRows, n1 - n - kChunkRows);
-      if (next_rows > 0) {
-        const uint8_t* next = more ? p.w + n * p.ldw + 64 * (b + 1) : p.w + (n + kChunkRows) * p.ldw;
-        for (int64_t r = 0; r < next_rows; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(next + r * p.ldw), _MM_HINT_T0);
+  for (int64_t m0 = 0; m0 < p.m; m0 += group) {
+    const int64_t m1 = std::min(p.m, m0 + group);
+    for (int64_t n = n0; n < n1; n += kChunkRows) {
+      const int64_t rows = std::min(kChunkRows, n1 - n);
+      const int64_t nv = (rows + 7) / 8;
+      for (int64_t b = 0; b < nblk; ++b) {
+        // The lines unpacked next (the next block of these rows, or the next panel's first), into
+        // L1 while this block's tiles run: unpacking read them straight from memory, ~4% of a
+        // prefill's samples; with the prefetch the three 2B-4T shapes ran 4-5% faster at M = 256.
+        const bool more = b + 1 < nblk;
+        const int64_t next_rows = more ? rows : std::min(kChunkRows, n1 - n - kChunkRows);
+        if (next_rows > 0) {
+          const uint8_t* next = more ? p.w + n * p.ldw + 64 * (b + 1) : p.w + (n + kChunkRows) * p.ldw;
+          for (int64_t r = 0; r < next_rows; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(next + r * p.ldw), _MM_HINT_T0);
+        }
+        unpack_chunk(p, n, rows, b, chunk);
+        for (int64_t m = m0; m < m1; m += kChunkMR)
+          kChunkTiles[nv - 1][std::min<int64_t>(kChunkMR, m1 - m) - 1](
+              p, chunk, m, n, b, part + (m - m0) / kChunkMR * tile_ints, b == 0, b == nblk - 1, rows - 8 * (nv - 1));
       }
-      unpack_chunk(p, n, rows, b, chunk);
-      for (int64_t m = 0; m < p.m; m += kChunkMR)
-        kChunkTiles[nv - 1][std::min<int64_t>(kChunkMR, p.m - m) - 1](
-            p, chunk, m, n, b, part + m / kChunkMR * tile_ints, b == 0, b == nblk - 1, rows - 8 * (nv - 1));
     }
   }
 }

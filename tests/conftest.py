@@ -1,6 +1,6 @@
 """Shared fixtures of the torch_bitnet test suite.
 
-* ``isa``: runs a test once per SIMD path (scalar, avx2, avx512) that this CPU supports, with
+* ``isa``: runs a test once per SIMD path (scalar, avx2, avx512, amx) that this CPU supports, with
   the kernels switched to that path for the whole test. The kernels of every path must
   agree bit for bit with ``torch_bitnet.reference``, so each property test is repeated on
   each path rather than only on the fastest one the CPU picks at import.
@@ -51,14 +51,14 @@ def _forced_isa(name: str):
 
 
 # avx512vbmi differs from avx512 only in its 5-trit weight kernels: tests of everything else use
-# `isa`, tests of 5-trit weights `isa5`.
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+# `isa`, tests of 5-trit weights `isa5`. amx (avx512vbmi with the AMX prefill products) is in both.
+@pytest.fixture(params=["scalar", "avx2", "avx512", "amx"])
 def isa(request):
     """Run the test with the kernels forced onto one SIMD path (skipped if the CPU lacks it)."""
     yield from _forced_isa(request.param)
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512vbmi"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512vbmi", "amx"])
 def isa5(request):
     """As ``isa``, over every path including avx512vbmi (the 5-trit weight kernels)."""
     yield from _forced_isa(request.param)

@@ -236,7 +236,7 @@ def test_env_var_forces_path_at_import():
         assert _import_with_env(name).stdout.strip() == name
     done = _import_with_env("sse9")
     assert done.returncode != 0
-    assert "TORCH_BITNET_ISA='sse9' is not one of scalar, avx2, avx512, avx512vbmi" in done.stderr
+    assert "TORCH_BITNET_ISA='sse9' is not one of scalar, avx2, avx512, avx512vbmi, amx" in done.stderr
 
 
 # --------------------------------------------------------------------------------------
@@ -358,6 +358,17 @@ PANEL_CASES = [
     for k in (1, 256, 257, 769)
 ]
 
+# amx from M = 16 (15 still takes avx512's tiles): 16-token x 16-row tiles in pairs, so every
+# remainder of M mod 32 that changes the tile shapes (one partial tile, one full and one partial,
+# two full), partial and whole 16-row vectors and 64-row panels, K of one to three 256-weight
+# blocks; and token groups above 256 (257: 160 + 97; 520: 192 + 192 + 136).
+AMX_CASES = [
+    (m, n, k)
+    for m in (15, 16, 17, 31, 32, 33, 47, 63, 257)
+    for n in (1, 15, 16, 17, 33, 63, 64, 65, 130)
+    for k in (1, 64, 256, 257, 769)
+] + [(520, 21, 520), (520, 200, 2560)]
+
 
 @pytest.mark.parametrize("m,n,k", CHUNK_CASES)
 def test_ternary_mm_token_chunks(isa, m, n, k):
@@ -385,6 +396,15 @@ def test_ternary_mm_panel_edges(isa):
         assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
 
 
+def test_ternary_mm_amx_tile_edges(isa):
+    g = torch.Generator().manual_seed(9)
+    for m, n, k in AMX_CASES:
+        packed = pack_ternary(random_ternary(n, k, g))
+        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        out = torch_bitnet.ternary_mm(xq, packed, k, n)
+        assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
+
+
 def test_ternary_mm_largest_accumulator(isa):
     """K = MAX_IN_FEATURES with -128 / 127 activations: |acc| reaches 2**24, the documented bound."""
     k = MAX_IN_FEATURES
@@ -395,7 +415,7 @@ def test_ternary_mm_largest_accumulator(isa):
     packed = pack_ternary(w)
     xq = torch.full((128, k), -128, dtype=torch.int8)
     xq[1] = 127
-    for m in (1, 3, 128):  # the GEMV kernels (avx2: int16 sums over 4 blocks), the small tiles, the panels
+    for m in (1, 3, 128):  # the GEMV kernels (avx2: int16 sums over 4 blocks), the small tiles, the panels / amx
         out = torch_bitnet.ternary_mm(xq[:m], packed, k, 5)
         assert out[0, 0].item() == -(2**24)  # -128 * 2^17
         assert out[0, 1].item() == 2**24

@@ -1,12 +1,15 @@
 """Which SIMD code path the kernels run.
 
-At import the fastest path the CPU supports is chosen (``avx512vbmi`` needs AVX-512
-F/BW/VL/VNNI and VBMI, ``avx512`` the same without VBMI, ``avx2`` needs AVX2 and FMA;
-``scalar`` is portable C++ and always present). ``avx512vbmi`` is ``avx512`` plus the
-kernels that stream 5-trit weights (``packing.py``) in decode; every other path multiplies
-5-trit weights by unpacking them to the 2-bit format first, which is correct but, for one
-token at a time, slower than keeping the model in the 2-bit format.
-The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512|avx512vbmi`` forces one path at
+At import the fastest path the CPU supports is chosen (``amx`` needs what ``avx512vbmi`` needs
+plus AMX-TILE, AMX-INT8 and the operating system's permission to use the tiles, which Linux
+grants on request; ``avx512vbmi`` needs AVX-512 F/BW/VL/VNNI and VBMI, ``avx512`` the same
+without VBMI, ``avx2`` needs AVX2 and FMA; ``scalar`` is portable C++ and always present).
+``avx512vbmi`` is ``avx512`` plus the kernels that stream 5-trit weights (``packing.py``) in
+decode; every other path but ``amx`` multiplies 5-trit weights by unpacking them to the 2-bit
+format first, which is correct but, for one token at a time, slower than keeping the model in
+the 2-bit format. ``amx`` is ``avx512vbmi`` with the ternary products of 16 tokens or more
+(prefill) on AMX tiles: 16 x 16 x 64 int8 multiply-adds per instruction.
+The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512|avx512vbmi|amx`` forces one path at
 import; :func:`set_isa` / :func:`use_isa` switch at run time (tests use them to run every
 path on one machine). Asking for a path the CPU lacks raises ``RuntimeError``.
 """
@@ -24,7 +27,7 @@ from . import ops  # noqa: F401  (loads the extension)
 __all__ = ["ISAS", "ENV_VAR", "available_isas", "get_isa", "set_isa", "use_isa"]
 
 #: every path the extension knows, slowest first
-ISAS = ("scalar", "avx2", "avx512", "avx512vbmi")
+ISAS = ("scalar", "avx2", "avx512", "avx512vbmi", "amx")
 #: environment variable that forces a path at import
 ENV_VAR = "TORCH_BITNET_ISA"
 

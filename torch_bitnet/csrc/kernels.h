@@ -387,6 +387,28 @@ extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
 // kAvx512Kernels plus the AVX-512 VBMI 5-trit kernels (ternary5_avx512.cpp).
 extern const Kernels kAvx512VbmiKernels;
+// kAvx512VbmiKernels with the AMX prefill gemm (kernels_amx.cpp).
+extern const Kernels kAmxKernels;
+// k with the VBMI 5-trit kernels (ternary5_avx512.cpp): kAvx512VbmiKernels is
+// with_vbmi(kAvx512Kernels), and kAmxKernels starts from the same.
+Kernels with_vbmi(Kernels k);
+#endif
+
+// ---- the AVX-512 prefill panel (kernels_avx512.cpp), shared with the AMX kernel ----
+// Output rows go kPanelRows at a time (a panel). Their codes u are unpacked for all of K into
+// kPanelRows x Kp bytes laid out for one output row per 32-bit lane: for each group q of 4
+// consecutive k, kPanelVecs vectors of 64 bytes, lane l of vector v holding the codes of row
+// 16 v + l at k = 4q .. 4q + 3 (vector (q, v) at byte (q * kPanelVecs + v) * 64).
+constexpr int64_t kPanelVecs = 4;
+constexpr int64_t kPanelRows = 16 * kPanelVecs;
+#if defined(__x86_64__) || defined(_M_X64)
+// Rows [n, n + rows) of p's weight, rows <= kPanelRows, into panel (64-byte aligned); the
+// lanes of rows past `rows` in the last vector hold zero codes.
+void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
+// store_result for `count` tokens from m x 16 rows from n, only the rows whose bit is set in
+// keep: sum_ux[t * ld_sums + j] is token m + t's sum for row n + j.
+void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,
+                       int64_t ld_sums, uint16_t keep);
 #endif
 
 // The portable unpack5 (ternary5_scalar.cpp), used by every table but the VBMI one.

@@ -247,8 +247,6 @@ constexpr TileFn kGemv[kNR] = {gemv_tile<1>, gemv_tile<2>, gemv_tile<3>, gemv_ti
 // as 8 x 3 and faster than 4 x 6 or 5 x 5. Unpacking one 256-weight block of the panel at a
 // time into an L1-resident chunk (sums over K kept in memory between blocks) was 2-5% slower.
 
-constexpr int kPanelVecs = 4;
-constexpr int64_t kPanelRows = 16 * kPanelVecs;
 constexpr int kPanelMR = 6;
 constexpr int64_t kPanelMinM = 128;
 // Prefetch distance of the packed rows in unpack16: two blocks ahead.
@@ -275,8 +273,8 @@ TB_AVX512_INLINE void unpack16(const uint8_t* w, int64_t ldw, int64_t rows, uint
       _mm512_store_si512(dst + (16 * i + j) * kPanelVecs * 64, _mm512_and_si512(_mm512_srli_epi16(t[j], 2 * i), three));
 }
 
-// Rows [n, n + rows), rows <= kPanelRows, into panel: block by block, so each block's
-// 16 KiB of the panel is written in one go.
+// Rows [n, n + rows), rows <= kPanelRows, into panel (the layout in kernels.h): block by
+// block, so each block's 16 KiB of the panel is written in one go.
 TB_AVX512 void unpack_panel(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
   for (int64_t b = 0; b < p.k_pad / 256; ++b)
     for (int64_t v = 0; 16 * v < rows; ++v) {
@@ -422,6 +420,15 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
 }
 
 }  // namespace
+
+void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
+  unpack_panel(p, n, rows, panel);
+}
+
+TB_AVX512 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,
+                                 int64_t ld_sums, uint16_t keep) {
+  for (int64_t t = 0; t < count; ++t) store_vec(p, m + t, n, _mm512_loadu_si512(sum_ux + t * ld_sums), __mmask16(keep));
+}
 
 const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512,
                                 int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512,

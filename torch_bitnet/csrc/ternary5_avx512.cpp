@@ -117,13 +117,13 @@ TB_VBMI void unpack5_vbmi(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8
   }
 }
 
+}  // namespace
+
 Kernels with_vbmi(Kernels k) {
   k.unpack5 = unpack5_vbmi;
   k.gemv5 = gemv5_vbmi;
   return k;
 }
-
-}  // namespace
 
 // kAvx512Kernels is constant-initialised (function addresses only), so it is complete before
 // this dynamic initialisation runs.

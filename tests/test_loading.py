@@ -7,9 +7,13 @@ Tolerance against transformers' own model (fp32): every layer's integer product 
 both sides, but transformers dequantizes before its float matmul, so hidden states differ in
 the last float32 bits; occasionally such a difference moves an activation across an int8
 rounding boundary in a later layer ("a bin flip"), which changes that value by one
-quantization step. Measured on these models: relative L2 error of the logits ~5e-7 without
-flips and up to ~7e-3 with them, top-1 tokens always equal. The tests require relative error
-< 2e-2, equal top-1 tokens, and identical greedy continuations.
+quantization step. The float summation order of transformers' matmuls depends on the CPU, and
+so do the flips. Measured on these models, per position: relative L2 error of the logits 1e-7
+to 2e-6 without a flip (AMD Zen 3 and Zen 4, an Intel Xeon with AMX); a flip hits single
+positions (a flip in a position's MLP stays in that position), up to 0.2 there (one of 40
+positions of a prompt on the Xeon; over the whole prompt 2.7e-2); top-1 tokens always equal. The
+tests require every position below 0.3, at most one position in eight (and at least one is
+allowed) above 1e-5, equal top-1 tokens, and identical greedy continuations.
 """
 
 from __future__ import annotations
@@ -76,8 +80,10 @@ def test_logits_match_transformers(checkpoints, name, mode):
     for ids in _prompts(ours.config.vocab_size):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             got, expected = ours(ids).logits, theirs(ids).logits
-        rel = ((got - expected).norm() / expected.norm()).item()
-        assert rel < 2e-2, f"relative logit error {rel:.2e}"
+        per_position = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()
+        flipped = int((per_position > 1e-5).sum())
+        assert flipped <= max(1, per_position.numel() // 8), f"{flipped} positions off: {per_position.tolist()}"
+        assert per_position.max().item() < 0.3, f"relative logit error {per_position.max().item():.2e}"
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 

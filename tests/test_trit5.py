@@ -5,10 +5,11 @@
   ``packing._codes``).
 * Validation: all 256 byte values (243 encode five weights, the other 13 are rejected),
   non-zero padding, wrong shapes, unknown format names.
-* Kernels, on every path (``isa5``: scalar, avx2, avx512, avx512vbmi): bit for bit equal to
+* Kernels, on every path (``isa5``: scalar, avx2, avx512, avx512vbmi, amx): bit for bit equal to
   ``torch_bitnet.reference`` and to the same op on the 2-bit packing of the same weight. M = 1
-  takes the VBMI decode GEMV on avx512vbmi; M > 1 (and every M on the other paths) unpacks 64
-  rows at a time to the 2-bit layout and runs the 2-bit kernels.
+  takes the VBMI decode GEMV on avx512vbmi and amx; M >= 16 on amx decodes 64 rows at a time
+  straight into the AMX kernel's panel; other M > 1 (and every M on the other paths) unpack 64
+  rows at a time to the 2-bit layout and run the 2-bit kernels.
 * Bytes no weights produce: every path reads them through one fixed table
   (u0..u3 = 1, u4 = min(2, (c & 63) // 21)); checked against a Python decoding of that rule.
 * opcheck, torch.compile(fullgraph=True), and errors eager vs fake kernels.
@@ -412,11 +413,12 @@ def test_ternary_mm_5trit_matches_reference(isa5, lead, k, n, xkinds, wmode, see
 
 def test_ternary_mm_5trit_edges(isa5):
     """Deterministic sweep: every special K, M on each kernel (1: GEMV, 2/5: small tiles,
-    131: panels), N with partial 4/16/64-row tiles and several 64-row unpack tiles; extreme
-    activation rows (-128, 127) and weight rows (all -1, all +1)."""
+    17 / 33: amx's token tiles, one and a half pairs; 131: panels), N with partial 4/16/64-row
+    tiles and several 64-row unpack tiles; extreme activation rows (-128, 127) and weight rows
+    (all -1, all +1)."""
     g = torch.Generator().manual_seed(11)
     for k in SPECIAL_K5:
-        for m in (1, 2, 5, 131):
+        for m in (1, 2, 5, 17, 33, 131):
             for n in (5, 65, 130):
                 n = clip_n(n, m, k)
                 w = random_ternary(n, k, g)

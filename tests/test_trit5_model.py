@@ -100,7 +100,7 @@ def test_auto_format_follows_the_kernel_path(checkpoints):
     assert torch_bitnet.resolve_ternary_format("5trit") == "5trit"
     for isa in torch_bitnet.available_isas():
         with torch_bitnet.use_isa(isa):
-            expected = "5trit" if isa == "avx512vbmi" else "2bit"
+            expected = "5trit" if isa in ("avx512vbmi", "amx") else "2bit"
             assert torch_bitnet.resolve_ternary_format() == torch_bitnet.resolve_ternary_format("auto") == expected
             model = torch_bitnet.from_pretrained(checkpoints["offline"], dtype=torch.float32, ternary_format="auto")
             assert _formats(model) == {expected}

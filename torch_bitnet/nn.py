@@ -153,15 +153,14 @@ class BitLinear(nn.Module):
 
 def resolve_ternary_format(ternary_format: str = "auto") -> str:
     """The packed format ``ternary_format`` stands for: itself, or for ``"auto"`` the one that
-    runs faster on the kernel path in use now: ``"5trit"`` on ``avx512vbmi`` (the path with
-    the 5-trit decode kernel), else ``"2bit"`` (the paths without that kernel unpack 5-trit
-    weights on every call). Measured at the 2B-4T shape on a 2-core Zen 4 (BENCHMARKS.md,
+    runs faster on the kernel path in use now: ``"5trit"`` on ``avx512vbmi`` and ``amx`` (the
+    paths with the 5-trit decode kernel), else ``"2bit"`` (the paths without that kernel unpack
+    5-trit weights on every call). Measured at the 2B-4T shape on a 2-core Zen 4 (BENCHMARKS.md,
     same-process A/Bs), 5-trit decodes as fast at 1 thread and as fast or faster at 2 (0.1-2.8
     ms per token faster; 4.7 with the int4 table): faster where memory, not arithmetic, is the
-    limit. It also needs 104 MB less memory. ``amx`` has the 5-trit decode kernel too, but its
-    prefill unpacks 5-trit weights twice (to 2 bits, then into its tiles' layout): on a 2-core
-    Xeon with AMX, 2-bit prefilled 1.07-1.15x faster there and decoded as fast (within 2%), so
-    ``"auto"`` is ``"2bit"`` on ``amx``.
+    limit. It also needs 104 MB less memory. On a 2-core Xeon with AMX (``amx``, whose prefill
+    decodes 5-trit weights straight into its tiles' layout) both formats prefilled and decoded
+    at the same speed, so there the smaller one is chosen too.
 
     Raises:
         ValueError: ``ternary_format`` is none of ``"2bit"``, ``"5trit"``, ``"auto"``.
@@ -172,7 +171,7 @@ def resolve_ternary_format(ternary_format: str = "auto") -> str:
         )
     if ternary_format != "auto":
         return ternary_format
-    return "5trit" if get_isa() == "avx512vbmi" else "2bit"
+    return "5trit" if get_isa() in ("avx512vbmi", "amx") else "2bit"
 
 
 def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
@@ -184,7 +183,7 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     this project's 2-core Zen 4, it decodes as fast as 2-bit or faster at 1 and 2 threads
     (BENCHMARKS.md, "5-trit weights"). The other paths unpack 5-trit weights to 2 bits on every
     call: correct, but slow in decode. Prefill runs the 2-bit kernels on unpacked rows in both
-    cases.
+    cases (decoded straight into the AMX tiles' layout on ``amx``).
     ``"auto"``: the faster of the two on the current path (:func:`resolve_ternary_format`).
 
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:

@@ -366,6 +366,10 @@ struct Kernels {
   // rows [n0, n1) of p, whose w is 5-trit (p.ldw = Kp5 / 5, p.k_pad = Kp5). Null on the paths
   // without such a kernel (ops.cpp then unpacks and calls gemm).
   void (*gemv5)(const GemmProblem& p, int64_t n0, int64_t n1);
+  // Several tokens against 5-trit weights without the 2-bit copy (p as for gemv5): results for
+  // output rows [n0, n1) of p, or false, having done nothing, where the path prefers the 2-bit
+  // route for p.m tokens. Null on the paths without such a kernel (both then take that route).
+  bool (*gemm5)(const GemmProblem& p, int64_t n0, int64_t n1);
   // The small per-token steps of a decoder layer (a decode token runs them on one thread
   // between the parallel products): AVX-512 versions in rows_avx512.cpp, the portable ones on
   // the other paths (AVX2 included: ~1 ms per token was the scalar cost at 2 threads):
@@ -405,6 +409,9 @@ constexpr int64_t kPanelRows = 16 * kPanelVecs;
 // Rows [n, n + rows) of p's weight, rows <= kPanelRows, into panel (64-byte aligned); the
 // lanes of rows past `rows` in the last vector hold zero codes.
 void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
+// As unpack_panel_avx512, from a 5-trit weight (p.w, p.ldw = Kp5 / 5) over Kp5 = p.k_pad: chunk i
+// of 5-trit block b is the 64 k of step 5 b + i (ternary5_avx512.cpp; needs AVX-512 VBMI).
+void unpack5_panel_vbmi(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
 // store_result for `count` tokens from m x 16 rows from n, only the rows whose bit is set in
 // keep: sum_ux[t * ld_sums + j] is token m + t's sum for row n + j.
 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,

@@ -94,11 +94,10 @@ constexpr int64_t kAmxMinM = 16;
 // rows once per group (each panel unpacked once per group).
 constexpr int64_t kAmxGroupTokens = 256;
 
-void gemm_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
-  if (p.m < kAmxMinM) {
-    kAvx512Kernels.gemm(p, n0, n1);
-    return;
-  }
+using UnpackFn = void (*)(const GemmProblem&, int64_t, int64_t, uint8_t*);
+
+// Output rows [n0, n1) of p, all its tokens (p.m >= kAmxMinM), each panel filled by unpack.
+void amx_panels(const GemmProblem& p, int64_t n0, int64_t n1, UnpackFn unpack) {
   thread_local AlignedBuffer buffer;  // one thread's panel: kPanelRows x Kp bytes
   uint8_t* panel = static_cast<uint8_t*>(buffer.get(size_t(kPanelRows * p.k_pad)));
   alignas(64) int32_t sums[4][16 * 16];
@@ -112,7 +111,7 @@ void gemm_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
     const int64_t rows = std::min(kPanelRows, n1 - n);
     const int64_t nv = (rows + 15) / 16;
     const uint16_t last_keep = uint16_t((1u << (rows - 16 * (nv - 1))) - 1u);
-    unpack_panel_avx512(p, n, rows, panel);
+    unpack(p, n, rows, panel);
     const int64_t m1 = std::min(p.m, m0 + group);
     for (int64_t m = m0; m < m1; m += 32) {
       const int rows0 = int(std::min<int64_t>(16, m1 - m));
@@ -136,8 +135,24 @@ void gemm_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
   if (configured >= 0) __asm__ volatile("tilerelease" ::);
 }
 
+void gemm_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.m < kAmxMinM)
+    kAvx512Kernels.gemm(p, n0, n1);
+  else
+    amx_panels(p, n0, n1, unpack_panel_avx512);
+}
+
+// 5-trit weights decoded straight into the panel: one pass instead of two (to 2-bit rows, then
+// into the panel).
+bool gemm5_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.m < kAmxMinM) return false;
+  amx_panels(p, n0, n1, unpack5_panel_vbmi);
+  return true;
+}
+
 Kernels with_amx(Kernels k) {
   k.gemm = gemm_amx;
+  k.gemm5 = gemm5_amx;
   return k;
 }
 

@@ -186,6 +186,7 @@ void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
     kern.gemv5(p, n0, n1);
     return;
   }
+  if (kern.gemm5 && kern.gemm5(p, n0, n1)) return;
   // One thread's 2-bit rows (kUnpackRows x Kp/4 bytes), grown to the largest K seen.
   thread_local std::vector<uint8_t> buffer;
   const int64_t ld2 = k_pad2 / 4;

@@ -119,6 +119,37 @@ TB_VBMI void unpack5_vbmi(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8
 
 }  // namespace
 
+// 16 rows at a time per 5-trit block: each row's 64 bytes decoded once into the 2-bit bytes of
+// chunks 0-3 and the codes of chunk 4, both transposed by dwords (a dword: 4 consecutive k of
+// one row), chunks 0-3 split by shift + AND, as unpack16 in kernels_avx512.cpp.
+TB_VBMI void unpack5_panel_vbmi(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
+  const Trit5Regs t = load_tables();
+  const __m512i three = _mm512_set1_epi8(3);
+  for (int64_t b = 0; b < p.k_pad / kBlockK5; ++b)
+    for (int64_t v = 0; 16 * v < rows; ++v) {
+      const int64_t real = std::min<int64_t>(16, rows - 16 * v);  // rows past it: zero bytes
+      const uint8_t* w = p.w + (n + 16 * v) * p.ldw + 64 * b;
+      __m512i lo[16], u4[16];
+      #pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        const __m512i c = r < real ? _mm512_loadu_si512(w + r * p.ldw) : _mm512_setzero_si512();
+        if (r < real) _mm_prefetch(reinterpret_cast<const char*>(w + r * p.ldw + 128), _MM_HINT_T0);
+        lo[r] = decode(t, c, &u4[r]);
+      }
+      transpose16(lo);
+      transpose16(u4);
+      uint8_t* dst = panel + (16 * 5 * b * kPanelVecs + v) * 64;  // group q = 16 (5 b + i) + j
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        #pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j)
+          _mm512_store_si512(dst + (16 * i + j) * kPanelVecs * 64,
+                             _mm512_and_si512(_mm512_srli_epi16(lo[j], 2 * i), three));
+      #pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + (64 + j) * kPanelVecs * 64, u4[j]);
+    }
+}
+
 Kernels with_vbmi(Kernels k) {
   k.unpack5 = unpack5_vbmi;
   k.gemv5 = gemv5_vbmi;

@@ -18,6 +18,7 @@ logits of the bf16 lm_head, see that test for the error model and the measured f
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import pytest
@@ -178,7 +179,8 @@ def test_int8_linear_known_values(isa):
     assert yb.dtype == torch.bfloat16 and yb.tolist() == [[63.0, -16256.0]]
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])  # 1..4: the streaming (decode) tiles; 5, 9: prefill tiles
+# 1..4: the streaming (decode) tiles; 5, 9: prefill tiles; 17, 33: amx's token tiles
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
 @pytest.mark.parametrize("k", [1, 64, 65, 1000])
 def test_int8_linear_exact_accumulation(isa, m, k):
     """acc against an independent int64 product: scale 1 and a = 1 make the float32 output acc itself."""
@@ -196,7 +198,7 @@ def test_int8_linear_exact_accumulation(isa, m, k):
     assert y[0, 0].item() == 127 * 127 * k and y[0, 1].item() == -127 * 127 * k
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 17])
 def test_int8_linear_largest_k(isa, m):
     """K = 65536 (the maximum): |acc| = 127 * 127 * 2**16 ~ 1.06e9 and the kernels' unsigned
     sums reach 255 * 127 * 2**16 ~ 2.12e9, just below 2**31; these results are multiples of
@@ -276,6 +278,25 @@ def test_int8_linear_tile_edges(isa):
                 x = torch.randn(m, k, generator=g)
                 y = torch_bitnet.int8_linear(x, codes[:n], scale[:n], k, n)
                 assert_bitwise_equal(y, reference.int8_linear(x, codes[:n], scale[:n], k, n))
+
+
+# amx from M = 16: 16-token x 16-row tiles in pairs over 64-row panels; every tile shape (one
+# partial token tile, one full and one partial, two full), partial and whole row vectors and
+# panels, each output dtype with and without bias.
+AMX_M = [15, 16, 17, 31, 32, 33, 47]
+AMX_N = [1, 15, 16, 17, 33, 63, 64, 65, 130]
+
+
+def test_int8_linear_amx_tiles(isa):
+    g = torch.Generator().manual_seed(8)
+    for k in (1, 64, 129):
+        codes, scale = random_table(max(AMX_N), k, g)
+        bias = torch.randn(max(AMX_N), generator=g)
+        for i, (n, m) in enumerate(itertools.product(AMX_N, AMX_M)):
+            x = torch.randn(m, k, generator=g).to(FLOAT_DTYPES[i % len(FLOAT_DTYPES)])
+            b = bias[:n] if i % 2 else None
+            y = torch_bitnet.int8_linear(x, codes[:n], scale[:n], k, n, b)
+            assert_bitwise_equal(y, reference.int8_linear(x, codes[:n], scale[:n], k, n, b))
 
 
 @pytest.mark.parametrize("m,n,k", [(205, 9, 2560), (103, 6, 2560), (301, 5, 640)])

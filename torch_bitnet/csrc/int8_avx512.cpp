@@ -22,6 +22,21 @@ namespace {
 // no prefetch ~72%; 32 KiB no better.)
 constexpr int64_t kPrefetchAhead = 16384;
 
+// The bits of y as p.out_dtype, one value per 32-bit lane (16-bit formats in the low half).
+TB_AVX512_INLINE __m512i out_bits(const Int8Problem& p, __m512 y) {
+  __m512i bits = _mm512_castps_si512(y);
+  if (p.out_dtype == DType::BF16) {
+    // float_to_bf16: round to nearest even on the bit pattern, NaN -> 0x7FC0
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  } else if (p.out_dtype == DType::F16) {
+    // IEEE round to nearest even, as float_to_f16 (NaN payloads may differ; NaN stays NaN)
+    bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  return bits;
+}
+
 // Epilogue of an MR x NR tile (MR * NR <= 16): lane i = t * NR + r holds sum (w + 128) x of
 // token m + t and row n + r. Evaluates store_int8_result's float32 expression for all lanes
 // at once and stores the NR results of each of the MR tokens.
@@ -41,17 +56,7 @@ TB_AVX512_INLINE void store_tile(const Int8Problem& p, int64_t m, int64_t n, __m
   const __m512i acc = _mm512_sub_epi32(sums, _mm512_slli_epi32(xsum, 7));
   __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_div_ps(s, a));
   if (p.bias) y = _mm512_add_ps(y, _mm512_permutexvar_ps(r_idx, _mm512_maskz_loadu_ps(r_mask, p.bias + n)));
-  // The output's bits, one value per 32-bit lane (16-bit formats in the low half).
-  __m512i bits = _mm512_castps_si512(y);
-  if (p.out_dtype == DType::BF16) {
-    // float_to_bf16: round to nearest even on the bit pattern, NaN -> 0x7FC0
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  } else if (p.out_dtype == DType::F16) {
-    // IEEE round to nearest even, as float_to_f16 (NaN payloads may differ; NaN stays NaN)
-    bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  const __m512i bits = out_bits(p, y);
   #pragma GCC unroll 16
   for (int t = 0; t < MR; ++t) {
     // lanes t*NR .. t*NR + NR - 1 -> lanes 0 .. NR - 1, stored at out[m + t, n ..]
@@ -123,6 +128,41 @@ constexpr TileFn kTiles[2][kMR] = {
 constexpr TileFn kRowTail[kMR] = {tile<1, 1, false>, tile<2, 1, false>, tile<3, 1, false>, tile<4, 1, false>};
 
 }  // namespace
+
+// 16 rows x 64 codes at a time: the rows' dwords (4 consecutive k of one row) transposed, so
+// vector j holds dword j of the 16 rows (rows past `rows` read as zero codes).
+TB_AVX512 void unpack_int8_panel_avx512(const Int8Problem& p, int64_t n, int64_t rows, uint8_t* panel) {
+  for (int64_t c = 0; c < p.k_pad; c += 64)
+    for (int64_t v = 0; 16 * v < rows; ++v) {
+      const int64_t real = std::min<int64_t>(16, rows - 16 * v);
+      const uint8_t* w = p.w + (n + 16 * v) * p.k_pad + c;
+      __m512i t[16];
+      #pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) t[r] = r < real ? _mm512_loadu_si512(w + r * p.k_pad) : _mm512_setzero_si512();
+      transpose16(t);
+      uint8_t* dst = panel + (c / 4 * kPanelVecs + v) * 64;  // group q = c / 4 + j
+      #pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(dst + j * kPanelVecs * 64, t[j]);
+    }
+}
+
+// store_tile's expression, 16 rows of one token per vector.
+TB_AVX512 void store_int8_rows_avx512(const Int8Problem& p, int64_t m, int64_t count, int64_t n,
+                                      const int32_t* sum_ux, int64_t ld_sums, uint16_t keep) {
+  const __mmask16 k = __mmask16(keep);
+  const __m512 s = _mm512_maskz_loadu_ps(k, p.w_scale + n);
+  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(k, p.bias + n) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < count; ++t) {
+    const __m512i acc = _mm512_sub_epi32(_mm512_loadu_si512(sum_ux + t * ld_sums), _mm512_set1_epi32(p.xsum[m + t] * 128));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_div_ps(s, _mm512_set1_ps(p.a[m + t])));
+    if (p.bias) y = _mm512_add_ps(y, bias);
+    const int64_t at = (m + t) * p.ld + n;
+    if (p.out_dtype == DType::F32)
+      _mm512_mask_storeu_ps(static_cast<float*>(p.out) + at, k, y);
+    else
+      _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.out) + at, k, out_bits(p, y));
+  }
+}
 
 void int8_gemm_avx512(const Int8Problem& p, int64_t n0, int64_t n1) {
   // Token chunks whose activations (chunk x Kp bytes, <= 512 KiB) stay in L2 while kNR weight

@@ -412,6 +412,12 @@ void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t*
 // As unpack_panel_avx512, from a 5-trit weight (p.w, p.ldw = Kp5 / 5) over Kp5 = p.k_pad: chunk i
 // of 5-trit block b is the 64 k of step 5 b + i (ternary5_avx512.cpp; needs AVX-512 VBMI).
 void unpack5_panel_vbmi(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
+// The int8 table's codes (rows [n, n + rows) of p.w, rows <= kPanelRows) in the same layout
+// over p.k_pad (int8_avx512.cpp); and its epilogue for `count` tokens from m x 16 rows from n,
+// only the rows in keep, from sum_ux[t * ld_sums + j] = sum of code * x: store_int8_result.
+void unpack_int8_panel_avx512(const Int8Problem& p, int64_t n, int64_t rows, uint8_t* panel);
+void store_int8_rows_avx512(const Int8Problem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,
+                            int64_t ld_sums, uint16_t keep);
 // store_result for `count` tokens from m x 16 rows from n, only the rows whose bit is set in
 // keep: sum_ux[t * ld_sums + j] is token m + t's sum for row n + j.
 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,

@@ -94,25 +94,35 @@ constexpr int64_t kAmxMinM = 16;
 // rows once per group (each panel unpacked once per group).
 constexpr int64_t kAmxGroupTokens = 256;
 
-using UnpackFn = void (*)(const GemmProblem&, int64_t, int64_t, uint8_t*);
+// The activations of a product: m tokens of k_pad int8 values, row stride ldq.
+struct AmxInput {
+  const int8_t* xq;
+  int64_t ldq;
+  int64_t m;
+  int64_t k_pad;
+};
 
-// Output rows [n0, n1) of p, all its tokens (p.m >= kAmxMinM), each panel filled by unpack.
-void amx_panels(const GemmProblem& p, int64_t n0, int64_t n1, UnpackFn unpack) {
+// Output rows [n0, n1) of a product, all its tokens (x.m >= kAmxMinM): for each panel of up to
+// kPanelRows rows, unpack(n, rows, panel) fills the panel's codes (kernels.h layout over
+// x.k_pad), then store(m, count, n, sums, keep) receives the sums of u * x of `count` tokens
+// from m and the 16 rows from n (sums[t * 16 + j]; only the rows in keep are real).
+template <class Unpack, class Store>
+void amx_panels(const AmxInput& x, int64_t n0, int64_t n1, const Unpack& unpack, const Store& store) {
   thread_local AlignedBuffer buffer;  // one thread's panel: kPanelRows x Kp bytes
-  uint8_t* panel = static_cast<uint8_t*>(buffer.get(size_t(kPanelRows * p.k_pad)));
+  uint8_t* panel = static_cast<uint8_t*>(buffer.get(size_t(kPanelRows * x.k_pad)));
   alignas(64) int32_t sums[4][16 * 16];
-  const int64_t steps = p.k_pad / 64;
+  const int64_t steps = x.k_pad / 64;
   int configured = -1;  // rows0 + 17 * rows1 of the loaded configuration
   // equal token groups of at most kAmxGroupTokens, in whole pairs of token tiles but the last
-  const int64_t groups = (p.m + kAmxGroupTokens - 1) / kAmxGroupTokens;
-  const int64_t group = ((p.m + groups - 1) / groups + 31) / 32 * 32;
-  for (int64_t m0 = 0; m0 < p.m; m0 += group)
+  const int64_t groups = (x.m + kAmxGroupTokens - 1) / kAmxGroupTokens;
+  const int64_t group = ((x.m + groups - 1) / groups + 31) / 32 * 32;
+  for (int64_t m0 = 0; m0 < x.m; m0 += group)
   for (int64_t n = n0; n < n1; n += kPanelRows) {
     const int64_t rows = std::min(kPanelRows, n1 - n);
     const int64_t nv = (rows + 15) / 16;
     const uint16_t last_keep = uint16_t((1u << (rows - 16 * (nv - 1))) - 1u);
-    unpack(p, n, rows, panel);
-    const int64_t m1 = std::min(p.m, m0 + group);
+    unpack(n, rows, panel);
+    const int64_t m1 = std::min(x.m, m0 + group);
     for (int64_t m = m0; m < m1; m += 32) {
       const int rows0 = int(std::min<int64_t>(16, m1 - m));
       const int rows1 = int(std::clamp<int64_t>(m1 - m - 16, 0, 16));
@@ -120,14 +130,13 @@ void amx_panels(const GemmProblem& p, int64_t n0, int64_t n1, UnpackFn unpack) {
         configure(rows0, rows1);
         configured = rows0 + 17 * rows1;
       }
-      const int8_t* x = p.xq + m * p.ldq;
       for (int64_t v = 0; v < nv; v += 2) {
         const bool two_b = v + 1 < nv;
-        kBlocks[rows1 > 0][two_b](x, p.ldq, panel, v, steps, sums);
+        kBlocks[rows1 > 0][two_b](x.xq + m * x.ldq, x.ldq, panel, v, steps, sums);
         for (int i = 0; i < (rows1 > 0 ? 2 : 1); ++i)
           for (int j = 0; j < (two_b ? 2 : 1); ++j)
-            store_rows_avx512(p, m + 16 * i, i ? rows1 : rows0, n + 16 * (v + j), sums[2 * i + j], 16,
-                              v + j == nv - 1 ? last_keep : uint16_t(0xFFFF));
+            store(m + 16 * i, i ? rows1 : rows0, n + 16 * (v + j), sums[2 * i + j],
+                  v + j == nv - 1 ? last_keep : uint16_t(0xFFFF));
       }
     }
   }
@@ -135,24 +144,52 @@ void amx_panels(const GemmProblem& p, int64_t n0, int64_t n1, UnpackFn unpack) {
   if (configured >= 0) __asm__ volatile("tilerelease" ::);
 }
 
+// A ternary product on AMX: panels from 2-bit (unpack_panel_avx512) or 5-trit rows
+// (unpack5_panel_vbmi), results through the AVX-512 panel kernel's epilogue.
+template <void (*Unpack)(const GemmProblem&, int64_t, int64_t, uint8_t*)>
+void ternary_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
+  amx_panels(
+      AmxInput{p.xq, p.ldq, p.m, p.k_pad}, n0, n1,
+      [&](int64_t n, int64_t rows, uint8_t* panel) { Unpack(p, n, rows, panel); },
+      [&](int64_t m, int64_t count, int64_t n, const int32_t* sums, uint16_t keep) {
+        store_rows_avx512(p, m, count, n, sums, 16, keep);
+      });
+}
+
 void gemm_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
   if (p.m < kAmxMinM)
     kAvx512Kernels.gemm(p, n0, n1);
   else
-    amx_panels(p, n0, n1, unpack_panel_avx512);
+    ternary_panels<unpack_panel_avx512>(p, n0, n1);
 }
 
 // 5-trit weights decoded straight into the panel: one pass instead of two (to 2-bit rows, then
 // into the panel).
 bool gemm5_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
   if (p.m < kAmxMinM) return false;
-  amx_panels(p, n0, n1, unpack5_panel_vbmi);
+  ternary_panels<unpack5_panel_vbmi>(p, n0, n1);
   return true;
+}
+
+// The int8 table (lm_head) for several tokens: its codes (w + 128, unsigned) transposed into
+// the same panel layout, the sums of code * x through the AVX-512 int8 kernel's epilogue.
+void int8_gemm_amx(const Int8Problem& p, int64_t n0, int64_t n1) {
+  if (p.m < kAmxMinM) {
+    kAvx512Kernels.int8_gemm(p, n0, n1);
+    return;
+  }
+  amx_panels(
+      AmxInput{p.xq, p.ldq, p.m, p.k_pad}, n0, n1,
+      [&](int64_t n, int64_t rows, uint8_t* panel) { unpack_int8_panel_avx512(p, n, rows, panel); },
+      [&](int64_t m, int64_t count, int64_t n, const int32_t* sums, uint16_t keep) {
+        store_int8_rows_avx512(p, m, count, n, sums, 16, keep);
+      });
 }
 
 Kernels with_amx(Kernels k) {
   k.gemm = gemm_amx;
   k.gemm5 = gemm5_amx;
+  k.int8_gemm = int8_gemm_amx;
   return k;
 }
 

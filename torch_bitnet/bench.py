@@ -421,7 +421,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "stored (exact)")
     parser.add_argument("--ternary-format", choices=("auto", "2bit", "5trit"),
                         help="how BitLinear weights are packed: 2bit, 5trit (1.6 bits per weight; fast decode "
-                        "needs AVX-512 VBMI) or auto, the faster here (5trit on the avx512vbmi path, else 2bit) "
+                        "needs AVX-512 VBMI) or auto, the faster here (5trit on the avx512vbmi and amx paths, else 2bit) "
                         "(default: auto, or as --model stores them)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",

@@ -1,8 +1,9 @@
 // Torch-free kernel interface of torch_bitnet.
 //
 // Every kernel family has one implementation per ISA (scalar, avx2, avx512) with the same
-// signature; ops.cpp (the ATen adapter) checks arguments, allocates, splits the work over
-// threads and calls the entry of the table chosen by cpu_features.cpp.
+// signature, and the amx table replaces avx512's products of several tokens; ops.cpp (the ATen
+// adapter) checks arguments, allocates, splits the work over threads and calls the entry of
+// the table chosen by cpu_features.cpp.
 //
 // Packed ternary weight (documented in torch_bitnet/packing.py): uint8 rows of Kp/4 bytes,
 // Kp = K rounded up to 256. Byte j of 64-byte block b holds, at bits 2i+1:2i, the code

@@ -280,7 +280,8 @@ def test_int8_linear_tile_edges(isa):
                 assert_bitwise_equal(y, reference.int8_linear(x, codes[:n], scale[:n], k, n))
 
 
-# amx from M = 16: 16-token x 16-row tiles in pairs over 64-row panels; every tile shape (one
+# amx from M = 16 (the int8 table; 12 for ternary weights): 16-token x 16-row tiles in pairs over
+# 64-row panels; every tile shape (one
 # partial token tile, one full and one partial, two full), partial and whole row vectors and
 # panels, each output dtype with and without bias.
 AMX_M = [15, 16, 17, 31, 32, 33, 47]

@@ -358,13 +358,13 @@ PANEL_CASES = [
     for k in (1, 256, 257, 769)
 ]
 
-# amx from M = 16 (15 still takes avx512's tiles): 16-token x 16-row tiles in pairs, so every
+# amx from M = 12 (11 still takes avx512's tiles): 16-token x 16-row tiles in pairs, so every
 # remainder of M mod 32 that changes the tile shapes (one partial tile, one full and one partial,
 # two full), partial and whole 16-row vectors and 64-row panels, K of one to three 256-weight
 # blocks; and token groups above 256 (257: 160 + 97; 520: 192 + 192 + 136).
 AMX_CASES = [
     (m, n, k)
-    for m in (15, 16, 17, 31, 32, 33, 47, 63, 257)
+    for m in (11, 12, 16, 17, 31, 32, 33, 47, 63, 257)
     for n in (1, 15, 16, 17, 33, 63, 64, 65, 130)
     for k in (1, 64, 256, 257, 769)
 ] + [(520, 21, 520), (520, 200, 2560)]

@@ -7,8 +7,9 @@ without VBMI, ``avx2`` needs AVX2 and FMA; ``scalar`` is portable C++ and always
 ``avx512vbmi`` is ``avx512`` plus the kernels that stream 5-trit weights (``packing.py``) in
 decode; every other path but ``amx`` multiplies 5-trit weights by unpacking them to the 2-bit
 format first, which is correct but, for one token at a time, slower than keeping the model in
-the 2-bit format. ``amx`` is ``avx512vbmi`` with the ternary products of 16 tokens or more
-(prefill) on AMX tiles: 16 x 16 x 64 int8 multiply-adds per instruction.
+the 2-bit format. ``amx`` is ``avx512vbmi`` with the ternary products of 12 tokens or more
+(prefill), and the int8 table's of 16 or more, on AMX tiles: 16 x 16 x 64 int8 multiply-adds
+per instruction.
 The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512|avx512vbmi|amx`` forces one path at
 import; :func:`set_isa` / :func:`use_isa` switch at run time (tests use them to run every
 path on one machine). Asking for a path the CPU lacks raises ``RuntimeError``.

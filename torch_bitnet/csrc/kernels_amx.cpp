@@ -87,8 +87,12 @@ using BlockFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_
 constexpr BlockFn kBlocks[2][2] = {{tile_block<false, false>, tile_block<false, true>},
                                    {tile_block<true, false>, tile_block<true, true>}};
 
-// Below this many tokens the AVX-512 kernels run instead (measured: BENCHMARKS.md, AMX section).
-constexpr int64_t kAmxMinM = 16;
+// Below this many tokens the AVX-512 kernels run instead: for the ternary weights, whose
+// AVX-512 kernel unpacks codes with shifts and ANDs, amx wins from 12 (1.13x), for the int8
+// table, whose codes need no unpacking there, from 16 (1.05-1.13x; 0.78-0.80x at 8;
+// BENCHMARKS.md, "An Intel Xeon with AMX").
+constexpr int64_t kAmxMinM = 12;
+constexpr int64_t kAmxMinMTable = 16;
 // Every panel multiplies all tokens of a group; the group's activations (up to 256 x Kp bytes:
 // 1.7 MiB at K = 6912) then stay in the 2 MiB L2 from panel to panel. Longer inputs take the
 // rows once per group (each panel unpacked once per group).
@@ -102,7 +106,7 @@ struct AmxInput {
   int64_t k_pad;
 };
 
-// Output rows [n0, n1) of a product, all its tokens (x.m >= kAmxMinM): for each panel of up to
+// Output rows [n0, n1) of a product, all its tokens: for each panel of up to
 // kPanelRows rows, unpack(n, rows, panel) fills the panel's codes (kernels.h layout over
 // x.k_pad), then store(m, count, n, sums, keep) receives the sums of u * x of `count` tokens
 // from m and the 16 rows from n (sums[t * 16 + j]; only the rows in keep are real).
@@ -174,7 +178,7 @@ bool gemm5_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
 // The int8 table (lm_head) for several tokens: its codes (w + 128, unsigned) transposed into
 // the same panel layout, the sums of code * x through the AVX-512 int8 kernel's epilogue.
 void int8_gemm_amx(const Int8Problem& p, int64_t n0, int64_t n1) {
-  if (p.m < kAmxMinM) {
+  if (p.m < kAmxMinMTable) {
     kAvx512Kernels.int8_gemm(p, n0, n1);
     return;
   }

@@ -378,27 +378,12 @@ def test_ternary_mm_token_chunks(isa, m, n, k):
     assert torch.equal(torch_bitnet.ternary_mm(xq, packed, k, n), reference.ternary_mm(xq, packed, k, n))
 
 
-def test_ternary_mm_tile_edges(isa):
-    g = torch.Generator().manual_seed(7)
-    for m, n, k in TILE_CASES:
-        packed = pack_ternary(random_ternary(n, k, g))
-        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-        out = torch_bitnet.ternary_mm(xq, packed, k, n)
-        assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
-
-
-def test_ternary_mm_panel_edges(isa):
-    g = torch.Generator().manual_seed(8)
-    for m, n, k in PANEL_CASES:
-        packed = pack_ternary(random_ternary(n, k, g))
-        xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-        out = torch_bitnet.ternary_mm(xq, packed, k, n)
-        assert torch.equal(out, reference.ternary_mm(xq, packed, k, n)), (m, n, k)
-
-
-def test_ternary_mm_amx_tile_edges(isa):
-    g = torch.Generator().manual_seed(9)
-    for m, n, k in AMX_CASES:
+@pytest.mark.parametrize(
+    "cases,seed", [(TILE_CASES, 7), (PANEL_CASES, 8), (AMX_CASES, 9)], ids=["tiles", "panels", "amx_tiles"]
+)
+def test_ternary_mm_kernel_edges(isa, cases, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m, n, k in cases:
         packed = pack_ternary(random_ternary(n, k, g))
         xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
         out = torch_bitnet.ternary_mm(xq, packed, k, n)

@@ -273,9 +273,11 @@ TB_AVX512_INLINE void unpack16(const uint8_t* w, int64_t ldw, int64_t rows, uint
       _mm512_store_si512(dst + (16 * i + j) * kPanelVecs * 64, _mm512_and_si512(_mm512_srli_epi16(t[j], 2 * i), three));
 }
 
+}  // namespace
+
 // Rows [n, n + rows), rows <= kPanelRows, into panel (the layout in kernels.h): block by
-// block, so each block's 16 KiB of the panel is written in one go.
-TB_AVX512 void unpack_panel(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
+// block, so each block's 16 KiB of the panel is written in one go. Also the AMX kernel's.
+TB_AVX512 void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
   for (int64_t b = 0; b < p.k_pad / 256; ++b)
     for (int64_t v = 0; 16 * v < rows; ++v) {
       const uint8_t* w = p.w + (n + 16 * v) * p.ldw + 64 * b;
@@ -286,6 +288,8 @@ TB_AVX512 void unpack_panel(const GemmProblem& p, int64_t n, int64_t rows, uint8
         unpack16<false>(w, p.ldw, rows - 16 * v, dst);
     }
 }
+
+namespace {
 
 // store_result for the 16 outputs (token m, rows n .. n + 15) of one accumulator, only the
 // lanes in keep: the same float32 operations and roundings, lane by lane.
@@ -374,7 +378,7 @@ void gemm_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
     const int64_t rows = std::min(kPanelRows, n1 - n);
     const int64_t nv = (rows + 15) / 16;
     const __mmask16 last_keep = __mmask16((1u << (rows - 16 * (nv - 1))) - 1u);
-    unpack_panel(p, n, rows, panel);
+    unpack_panel_avx512(p, n, rows, panel);
     for (int64_t m = 0; m < p.m; m += kPanelMR)
       kPanelTiles[nv - 1][std::min<int64_t>(kPanelMR, p.m - m) - 1](p, panel, m, n, last_keep);
   }
@@ -420,10 +424,6 @@ TB_AVX512 uint8_t stream_max_avx512(const uint8_t* p, int64_t n) {
 }
 
 }  // namespace
-
-void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
-  unpack_panel(p, n, rows, panel);
-}
 
 TB_AVX512 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,
                                  int64_t ld_sums, uint16_t keep) {

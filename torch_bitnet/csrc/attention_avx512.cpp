@@ -29,8 +29,7 @@
 #include <limits>
 #include <vector>
 
-#include "avx512_common.h"
-#include "kernels.h"
+#include "attention_avx512.h"
 
 namespace tbn {
 namespace {
@@ -41,20 +40,6 @@ constexpr int kGroup = kAttentionGroup;
 // 16 int8 -> 16 floats.
 TB_AVX512_INLINE __m512 load_i8x16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-// e^x lane by lane, x <= 0 (see kExpPoly): 0 below kExpMin and for -inf, NaN stays NaN.
-TB_AVX512_INLINE __m512 exp_avx512(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpMin), _CMP_NLT_UQ);
-  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);  // returns x when x is NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 y = _mm512_set1_ps(kExpPoly[0]);
-  for (int c = 1; c < 6; ++c) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[c]));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(y, n));
 }
 
 // The dot products of 2 keys x 4 rows, a[k * 4 + r] (16 lanes each) summed horizontally:
@@ -187,29 +172,6 @@ TB_AVX512 void block_group(const AttentionProblem& p, int64_t g0, int64_t c0, in
   int64_t t0 = 0;
   for (; t0 + 64 <= d; t0 += 64) values_slice<R, 4>(p, c0, nk, w, key_rows, alpha, t0, acc);
   for (; t0 < d; t0 += 16) values_slice<R, 1>(p, c0, nk, w, key_rows, alpha, t0, acc);
-}
-
-// One row of n floats (n a multiple of 16) -> int16 q16 with x ~ q16 * scale; returns scale
-// (0 for a zero row, whose q16 are 0), or NaN if the row holds a NaN or an infinity (it then
-// takes the float path, which carries them into the output as the reference does).
-TB_AVX512_INLINE float to_int16(const float* x, int64_t n, int16_t* q16) {
-  __m512 m = _mm512_setzero_ps();
-  __mmask16 finite = 0xFFFF;
-  for (int64_t t = 0; t < n; t += 16) {
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + t));
-    finite &= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
-    m = _mm512_max_ps(a, m);
-  }
-  if (finite != 0xFFFF) return std::numeric_limits<float>::quiet_NaN();
-  const float scale = _mm512_reduce_max_ps(m) / 32767.f;
-  const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-  const __m512 lim = _mm512_set1_ps(32767.f);
-  for (int64_t t = 0; t < n; t += 16) {
-    const __m512 y = _mm512_min_ps(lim, _mm512_max_ps(-lim, _mm512_mul_ps(_mm512_loadu_ps(x + t), inv)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + t), _mm512_cvtepi32_epi16(_mm512_cvt_roundps_epi32(
-                                                                y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-  }
-  return scale;
 }
 
 // acc + VPDPWSSD(a, b): 16 int32 lanes, each adding the products of its two int16 pairs. (Inline

@@ -302,6 +302,10 @@ struct AttentionProblem {
   // values from int16 products (attention_avx512.cpp), whose error (~1e-5 relative) is far
   // below the 2^-9 rounding of the 16-bit result. float32 queries keep float products.
   bool int16_products = false;
+  // Distinct for every int8_attention call (never 0): a kernel may keep work on a (batch, kv head)'s
+  // cache from one task of the call to the next on the same thread (attention_amx.cpp), since
+  // the cache cannot change within a call.
+  uint64_t call = 0;
 };
 
 // Positions per inner block of the attention kernels: the block's int8 keys and values
@@ -480,7 +484,7 @@ void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, co
                          int64_t d, void* out, DType dt);
 
 // ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and
-// the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp) ----
+// the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp, attention_amx.cpp) ----
 
 // The portable entries of the Kernels table's per-token steps (load_row, rope_row,
 // kv_quantize), and their AVX2 and AVX-512 versions (rows_avx2.cpp, rows_avx512.cpp).
@@ -505,6 +509,10 @@ void attention_partial_avx2(const AttentionProblem& p, int64_t r0, int64_t r1, i
                             float* l, float* acc);
 void attention_partial_avx512(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
                               float* l, float* acc);
+// attention_partial_avx512's int16 products on AMX tiles, for tasks of 16 rows or more
+// (attention_amx.cpp); hands the others to attention_partial_avx512.
+void attention_partial_amx(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
+                           float* l, float* acc);
 #endif
 
 // The loop the SIMD attention kernels share: initialises the state of rows [r0, r1) (m = -inf,

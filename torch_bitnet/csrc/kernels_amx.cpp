@@ -13,46 +13,21 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "amx_common.h"
 #include "kernels.h"
 
 namespace tbn {
 namespace {
 
-// Tiles (palette 1: 8 tiles of up to 16 rows x 64 bytes). C[i][j] = tmm(2 i + j) accumulates
-// token tile i x row vector j; A[i] = tmm(4 + i) holds token tile i's activations for 64 k,
-// B[j] = tmm(6 + j) row vector j's codes for the same 64 k. 2 x 2 blocking: per 64 k, four
-// tile loads feed four multiply-adds.
-//
-// The instructions are written as inline asm (tile numbers are immediates) with a "memory"
-// clobber, since the compiler cannot see which bytes a tile load or store touches.
-#define TB_TILE_LOAD(t, base, stride) \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(int64_t(stride)) : "memory")
-#define TB_TILE_STORE(t, base, stride) \
-  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(int64_t(stride)) : "memory")
-#define TB_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
-// c += a (signed bytes) . b (unsigned bytes), dword by dword (AT&T order: b, a, c)
-#define TB_TILE_DPBSUD(c, a, b) __asm__ volatile("tdpbsud %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
-
-// LDTILECFG's 64-byte operand (palette 1).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per row of each tile
-  uint8_t rows[16] = {};
-};
+// Tiles: C[i][j] = tmm(2 i + j) accumulates token tile i x row vector j; A[i] = tmm(4 + i) holds
+// token tile i's activations for 64 k, B[j] = tmm(6 + j) row vector j's codes for the same 64 k.
+// 2 x 2 blocking: per 64 k, four tile loads feed four multiply-adds.
 
 // Token tile 0 has rows0 tokens (1..16), token tile 1 rows1 (0..16; 0: unused). A C tile and its
-// A tile have the same rows: a tile load of fewer rows reads only those rows (no read past the
-// last token) and a store writes only those.
+// A tile have the same rows: a tile load of fewer rows reads no row past the last token.
 void configure(int rows0, int rows1) {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64;
-  const uint8_t r1 = uint8_t(rows1 ? rows1 : 16);
-  c.rows[0] = c.rows[1] = c.rows[4] = uint8_t(rows0);
-  c.rows[2] = c.rows[3] = c.rows[5] = r1;
-  c.rows[6] = c.rows[7] = 16;
-  __asm__ volatile("ldtilecfg %0" ::"m"(c));
+  const uint8_t r0 = uint8_t(rows0), r1 = uint8_t(rows1 ? rows1 : 16);
+  configure_tiles({r0, r0, r1, r1, r0, r1, 16, 16});
 }
 
 // Sums of u * x for token tiles 0 (and 1 if TwoA) from x (row stride ldq) and panel vectors v
@@ -144,8 +119,7 @@ void amx_panels(const AmxInput& x, int64_t n0, int64_t n1, const Unpack& unpack,
       }
     }
   }
-  // Give the tile state back, so the OS need not save 8 KiB of tiles on every context switch.
-  if (configured >= 0) __asm__ volatile("tilerelease" ::);
+  if (configured >= 0) release_tiles();
 }
 
 // A ternary product on AMX: panels from 2-bit (unpack_panel_avx512) or 5-trit rows
@@ -194,6 +168,7 @@ Kernels with_amx(Kernels k) {
   k.gemm = gemm_amx;
   k.gemm5 = gemm5_amx;
   k.int8_gemm = int8_gemm_amx;
+  k.attention_partial = attention_partial_amx;
   return k;
 }
 

@@ -818,6 +818,8 @@ void attention_into(const float* qf, int64_t b, int64_t h, int64_t n, int64_t d,
   std::vector<float> m_state(size_t(units * parts * rows)), l_state(m_state.size());
   std::vector<float> acc_state(parts > 1 ? m_state.size() * size_t(d) : 0);
   const Kernels& kern = kernels();
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
   auto problem = [&](int64_t u) {
     AttentionProblem p;
     p.q = qf + u * rows * d;
@@ -832,6 +834,7 @@ void attention_into(const float* qf, int64_t b, int64_t h, int64_t n, int64_t d,
     p.v = v_cache.data_ptr<int8_t>() + u * len * d;
     p.v_scale = v_scale.data_ptr<float>() + u * len;
     p.int16_products = int16_products;
+    p.call = call;
     return p;
   };
   // Tasks (unit, row range, part) differ in cost (causal rows see different lengths): each

@@ -54,10 +54,16 @@ def _atol(q, cache, scale):
 
 def _int16_isas():
     """The kernel paths with int16 attention products that this CPU runs (skips the test if none)."""
-    names = [name for name in ("avx2", "avx512") if name in torch_bitnet.available_isas()]
+    names = [name for name in ("avx2", "avx512", "amx") if name in torch_bitnet.available_isas()]
     if not names:
         pytest.skip("no AVX2 or AVX-512 on this CPU")
     return names
+
+
+def _attend(isa, *args):
+    """int8_attention(*args) on the given kernel path."""
+    with torch_bitnet.use_isa(isa):
+        return torch_bitnet.ops.int8_attention(*args)
 
 
 def _sdpa(q, k, v, positions, mask=None):
@@ -200,7 +206,9 @@ def test_int16_products_of_16bit_queries(d, length, qlen, groups, dtype, masked,
     one unit in the last place of the 16-bit output (2^-7 of the value for bf16, 2^-10 for
     fp16, where the float results fall on either side of a rounding boundary) plus 2^-9 max|v|.
     Measured over 400 random shapes and scales (queries x1-10, keys x0.5-8, up to 600
-    positions): at most 2^-10.1 max|v| beyond the ulp on AVX-512, 2^-9.7 over 300 on AVX2."""
+    positions): at most 2^-10.1 max|v| beyond the ulp on AVX-512, 2^-9.7 over 300 on AVX2. Up
+    to 15 rows per kv head here: from 5 the amx path takes the products on AMX tiles
+    (test_amx_attention_over_many_rows)."""
     int16_isas = _int16_isas()
     g = torch.Generator().manual_seed(seed)
     qlen = min(qlen, length)
@@ -223,18 +231,21 @@ def test_int16_products_of_16bit_queries(d, length, qlen, groups, dtype, masked,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_non_finite_16bit_queries_take_the_float_path(dtype):
     """A query row holding a NaN or an infinity cannot be scaled to int16: the rows of its task
-    (one kv head here) take the float products, bit for bit what float32 queries of the same
-    values give rounded to the dtype, and handle the non-finite values as the portable path
-    does; the other kv head's rows keep int16 products."""
+    (one kv head here, 4 heads x 8 queries: also an AMX task on the amx path) take the float
+    products, bit for bit what float32 queries of the same values give rounded to the dtype,
+    and handle the non-finite values as the portable path does; the other kv head's rows keep
+    int16 products."""
     int16_isas = _int16_isas()
     g = torch.Generator().manual_seed(3)
     cache = _cache(1, 2, 40, 64)
     torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
                                     torch.arange(40))
-    q = torch.randn(1, 8, 1, 64, generator=g).to(dtype)
-    q[0, 1, 0, 5] = float("nan")
-    q[0, 2, 0, 0] = float("inf")  # both in kv head 0's task (heads 0-3)
-    positions = torch.tensor([39])
+    q = torch.randn(1, 8, 8, 64, generator=g).to(dtype)
+    # both in kv head 0's task (heads 0-3), rows 27 and 23: on amx its first 16 rows have run on
+    # the tiles when they are found
+    q[0, 3, 3, 5] = float("nan")
+    q[0, 2, 7, 0] = float("inf")
+    positions = torch.arange(32, 40)
     with torch_bitnet.use_isa("scalar"):
         portable = torch_bitnet.ops.int8_attention(q, *cache, positions, 0.125)
     ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
@@ -247,6 +258,81 @@ def test_non_finite_16bit_queries_take_the_float_path(dtype):
         assert torch.equal(torch.isfinite(ours), torch.isfinite(portable)), name
         torch.testing.assert_close(ours[:, 4:].float(), portable[:, 4:].float(), rtol=ulp, atol=2.0**-9 * vmax,
                                    msg=name)
+
+
+@given(
+    d=st.sampled_from([64, 128, 192, 256]),
+    groups=st.sampled_from([1, 2, 4, 5]),
+    qlen=st.integers(2, 70),
+    before=st.integers(0, 200),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_amx_attention_over_many_rows(d, groups, qlen, before, dtype, masked, seed):
+    """Prefill chunks on the amx path: tasks of 5 rows or more take the int16 products on AMX tiles
+    (attention_amx.cpp), 16 rows per tile (here also partial tiles, tiles spanning two query
+    heads, several tasks per kv head), 64 positions per block (partly visible blocks, a last
+    block past the cache's end, rows that see nothing).
+
+    Against the AVX-512 kernel: the same int32 products; the float steps differ in order (scores
+    converted once instead of as 8 partial sums, e^x of the rescaling by the polynomial instead
+    of libm), which can move a weight's int16 rounding by one step, 2^-16 of the block's largest
+    weight. Allowed: one unit in the last place of the 16-bit output plus 2^-13 max|v| (8 such
+    steps in one direction); measured over 300 random shapes and scales (queries x1-10, keys
+    x0.5-8): 2^-17.2 max|v| beyond the ulp. Against the float path: the bound of
+    test_int16_products_of_16bit_queries (measured at this test's scales: 2^-12.2 max|v| beyond
+    the ulp)."""
+    if "amx" not in torch_bitnet.available_isas():
+        pytest.skip("this CPU cannot run the amx path")
+    g = torch.Generator().manual_seed(seed)
+    length = before + qlen
+    cache = _cache(1, 2, length, d)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, length, d, generator=g) * 2,
+                                    torch.randn(1, 2, length, d, generator=g), torch.arange(length))
+    q = (torch.randn(1, 2 * groups, qlen, d, generator=g) * 3).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(1, qlen, length, generator=g) > 0.3
+        mask[0, 0] = False  # the first query sees nothing
+    args = (q, *cache, torch.arange(before, length), d**-0.5, mask)
+    amx, avx512, float_path = (_attend(name, *args).float() for name in ("amx", "avx512", "scalar"))
+    vmax = _dequantized(cache)[1].abs().max().item()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(amx, avx512, rtol=ulp, atol=2.0**-13 * vmax)
+    torch.testing.assert_close(amx, float_path, rtol=ulp, atol=2.0**-9 * vmax)
+    if masked:
+        assert bool((amx[:, :, 0] == 0).all())
+
+
+def test_amx_attention_per_call_and_thread_count():
+    """A thread keeps a kv head's transposed values from one task of a call to the next: the
+    result is the same, bit for bit, however the tasks fall on 1, 2 or 3 threads, and a later
+    call over the same cache tensors, rewritten in between, sees the new values."""
+    if "amx" not in torch_bitnet.available_isas():
+        pytest.skip("this CPU cannot run the amx path")
+    g = torch.Generator().manual_seed(5)
+    cache = _cache(1, 2, 300, 128)
+    q = torch.randn(1, 8, 100, 128, generator=g).to(torch.bfloat16)
+    args = (q, *cache, torch.arange(200, 300), 128**-0.5)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for _ in range(2):
+            torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 300, 128, generator=g),
+                                            torch.randn(1, 2, 300, 128, generator=g), torch.arange(300))
+            by_threads = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                by_threads.append(_attend("amx", *args))
+            assert all(torch.equal(by_threads[0], out) for out in by_threads[1:])
+            vmax = _dequantized(cache)[1].abs().max().item()
+            torch.testing.assert_close(by_threads[0].float(), _attend("avx512", *args).float(), rtol=2.0**-7,
+                                       atol=2.0**-13 * vmax)
+            outs.append(by_threads[0])
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.allclose(outs[0].float(), outs[1].float(), atol=0.1)
 
 
 def test_decode_over_a_4096_cache_with_2b4t_geometry(isa):

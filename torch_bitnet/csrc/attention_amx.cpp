@@ -40,8 +40,10 @@ namespace tbn {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Fewer rows (a decode step's query heads, short prompts) go to attention_partial_avx512.
-constexpr int64_t kAmxMinRows = 16;
+// Tasks of fewer rows go to attention_partial_avx512, whose groups of 4 rows win at 4 (a decode
+// step of 4 query heads per kv head: 0.78-0.92x on AMX) and lose from 5 (1.13-1.14x on AMX, 1.3-1.5x
+// at 8; BENCHMARKS.md, "AMX attention").
+constexpr int64_t kAmxMinRows = 5;
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kBlock = kAttentionBlock;  // 64 positions: one tile row of bytes
 

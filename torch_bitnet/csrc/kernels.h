@@ -509,7 +509,7 @@ void attention_partial_avx2(const AttentionProblem& p, int64_t r0, int64_t r1, i
                             float* l, float* acc);
 void attention_partial_avx512(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
                               float* l, float* acc);
-// attention_partial_avx512's int16 products on AMX tiles, for tasks of 16 rows or more
+// attention_partial_avx512's int16 products on AMX tiles, for tasks of 5 rows or more
 // (attention_amx.cpp); hands the others to attention_partial_avx512.
 void attention_partial_amx(const AttentionProblem& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, float* m,
                            float* l, float* acc);

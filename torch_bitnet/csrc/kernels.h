@@ -388,6 +388,8 @@ struct Kernels {
   // One key or value vector of d values of dtype dt -> int8 q and scale s with q * s ~ x:
   // s = max|x| / 127, q = round(x / s) (0 when s == 0); NaNs do not enter the maximum.
   void (*kv_quantize)(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+  // The residual add of n elements of dtype dt: out = round_dt(a + b) (out may alias a or b).
+  void (*add_rows)(const void* a, const void* b, DType dt, int64_t n, void* out);
 };
 
 extern const Kernels kScalarKernels;
@@ -487,17 +489,20 @@ void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, co
 // the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp, attention_amx.cpp) ----
 
 // The portable entries of the Kernels table's per-token steps (load_row, rope_row,
-// kv_quantize), and their AVX2 and AVX-512 versions (rows_avx2.cpp, rows_avx512.cpp).
+// kv_quantize, add_rows), and their AVX2 and AVX-512 versions (rows_avx2.cpp, rows_avx512.cpp).
 void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
 void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
 void kv_quantize_scalar(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+void add_rows_scalar(const void* a, const void* b, DType dt, int64_t n, void* out);
 #if defined(__x86_64__) || defined(_M_X64)
 void load_row_avx2(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
 void rope_row_avx2(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
 void kv_quantize_avx2(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+void add_rows_avx2(const void* a, const void* b, DType dt, int64_t n, void* out);
 void load_row_avx512(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out);
 void rope_row_avx512(const void* x, const float* c, const float* s, DType dt, int64_t d, void* out);
 void kv_quantize_avx512(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
+void add_rows_avx512(const void* a, const void* b, DType dt, int64_t n, void* out);
 #endif
 
 // The portable attention_partial (the scalar table's entry; the SIMD kernels fall back to it

@@ -432,7 +432,8 @@ TB_AVX512 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count,
 
 const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512,
                                 int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512,
-                                unpack5_scalar, nullptr, nullptr, load_row_avx512, rope_row_avx512, kv_quantize_avx512};
+                                unpack5_scalar, nullptr, nullptr, load_row_avx512, rope_row_avx512, kv_quantize_avx512,
+                                add_rows_avx512};
 
 }  // namespace tbn
 

@@ -67,7 +67,8 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
                                 int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar,
-                                unpack5_scalar, nullptr, nullptr, load_row_scalar, rope_row_scalar, kv_quantize_scalar};
+                                unpack5_scalar, nullptr, nullptr, load_row_scalar, rope_row_scalar, kv_quantize_scalar,
+                                add_rows_scalar};
 
 // RowNorm (kernels.h) of one row of k values of dtype dt, as floats in out.
 void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out) {
@@ -115,6 +116,32 @@ void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, in
     const float xi = load_float(x, dt, i);
     const float rotated = i < half ? -load_float(x, dt, i + half) : load_float(x, dt, i - half);
     store_float(out, dt, i, round_to(dt, xi * c[i]) + round_to(dt, rotated * s[i]));
+  }
+}
+
+void add_rows_scalar(const void* a, const void* b, DType dt, int64_t n, void* out) {
+  switch (dt) {  // one loop per dtype (straight-line code)
+    case DType::F32: {
+      const float* x = static_cast<const float*>(a);
+      const float* y = static_cast<const float*>(b);
+      float* o = static_cast<float*>(out);
+      for (int64_t i = 0; i < n; ++i) o[i] = x[i] + y[i];
+      break;
+    }
+    case DType::BF16: {
+      const uint16_t* x = static_cast<const uint16_t*>(a);
+      const uint16_t* y = static_cast<const uint16_t*>(b);
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(y[i]));
+      break;
+    }
+    case DType::F16: {
+      const uint16_t* x = static_cast<const uint16_t*>(a);
+      const uint16_t* y = static_cast<const uint16_t*>(b);
+      uint16_t* o = static_cast<uint16_t*>(out);
+      for (int64_t i = 0; i < n; ++i) o[i] = float_to_f16(f16_to_float(x[i]) + f16_to_float(y[i]));
+      break;
+    }
   }
 }
 

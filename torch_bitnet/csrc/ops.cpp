@@ -926,21 +926,11 @@ void rope_into(const void* x, int64_t ld_x, DType dt, int64_t b, int64_t q, cons
 // out[i] = a[i] + b[i] over n values of dtype dt, the sum in float32 rounded once to dt: what
 // at::add computes for these dtypes (the residual adds of a layer).
 void add_into(const void* a, const void* b, DType dt, int64_t n, void* out) {
+  const Kernels& kern = kernels();
+  const int64_t elem = dt == DType::F32 ? 4 : 2;
   at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
-    if (dt == DType::F32) {
-      const float* x = static_cast<const float*>(a);
-      const float* y = static_cast<const float*>(b);
-      float* o = static_cast<float*>(out);
-      for (int64_t i = i0; i < i1; ++i) o[i] = x[i] + y[i];
-      return;
-    }
-    const uint16_t* x = static_cast<const uint16_t*>(a);
-    const uint16_t* y = static_cast<const uint16_t*>(b);
-    uint16_t* o = static_cast<uint16_t*>(out);
-    if (dt == DType::BF16)
-      for (int64_t i = i0; i < i1; ++i) o[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(y[i]));
-    else
-      for (int64_t i = i0; i < i1; ++i) o[i] = float_to_f16(f16_to_float(x[i]) + f16_to_float(y[i]));
+    kern.add_rows(static_cast<const char*>(a) + i0 * elem, static_cast<const char*>(b) + i0 * elem, dt, i1 - i0,
+                  static_cast<char*>(out) + i0 * elem);
   });
 }
 

@@ -1,4 +1,4 @@
-// AVX2 versions of the per-token steps of a decoder layer (kernels.h: load_row, rope_row,
+// AVX2 versions of the per-token steps of a decoder layer (kernels.h: load_row, rope_row, add_rows,
 // kv_quantize), 8 values per step, for float32 and bf16 rows; float16 rows, and rows whose
 // vectors would not be whole (rope_row: half of head_dim not a multiple of 8; kv_quantize:
 // head_dim not a multiple of 8), take the portable twins. Each performs the float operations
@@ -126,6 +126,15 @@ TB_AVX2 void kv_quantize_avx2(const void* x, DType dt, int64_t d, int8_t* q, flo
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(_mm256_cvttps_epi32(r), low_bytes), join);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + t), _mm256_castsi256_si128(b));
   }
+}
+
+TB_AVX2 void add_rows_avx2(const void* a, const void* b, DType dt, int64_t n, void* out) {
+  int64_t i = 0;
+  if (dt != DType::F16)
+    for (; i + 8 <= n; i += 8) store8(out, dt, i, _mm256_add_ps(load8(a, dt, i), load8(b, dt, i)));
+  const int64_t elem = dt == DType::F32 ? 4 : 2;
+  add_rows_scalar(static_cast<const char*>(a) + i * elem, static_cast<const char*>(b) + i * elem, dt, n - i,
+                  static_cast<char*>(out) + i * elem);
 }
 
 }  // namespace tbn

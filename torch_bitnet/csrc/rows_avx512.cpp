@@ -1,5 +1,5 @@
 // AVX-512 (F/BW) versions of the per-token steps of a decoder layer (kernels.h: load_row,
-// rope_row, kv_quantize), 16 values per step. Each performs the float operations of its
+// rope_row, kv_quantize, add_rows), 16 values per step. Each performs the float operations of its
 // portable twin (kernels_scalar.cpp, attention_scalar.cpp) in the same order, so every path
 // gives the same bits; the 16-bit roundings are avx512_float.h's. A decode token runs these on
 // one thread between the parallel products (2B-4T: ~100 calls per token), where the portable
@@ -111,6 +111,13 @@ TB_AVX512_FLOAT void kv_quantize_avx512(const void* x, DType dt, int64_t d, int8
     // conversion then gives 0x80000000, whose low byte 0 is what int8_t(NaN) stores there.
     r = _mm512_min_ps(hi, _mm512_max_ps(lo, r));
     _mm512_mask_cvtepi32_storeu_epi8(q + t, m, _mm512_cvttps_epi32(r));
+  }
+}
+
+TB_AVX512_FLOAT void add_rows_avx512(const void* a, const void* b, DType dt, int64_t n, void* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    store16(out, dt, i, _mm512_add_ps(load16(a, dt, i, m), load16(b, dt, i, m)), m);
   }
 }
 

@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
 """Decode (and prompt) attention over an int8 KV cache versus SDPA over fp32 and bf16 caches.
 
-    python benchmarks/bench_attention.py [--threads N] [--contexts 512,2048,4096] [--prompts 512]
+    python benchmarks/bench_attention.py [--threads N] [--contexts 512,2048,4096] [--prompts 512] [--paths A,B]
 
 Geometry of microsoft/bitnet-b1.58-2B-4T: 20 query heads, 5 KV heads, head_dim 128, 30
 layers. For each context length one decode token attends, in every one of the 30 layers,
 to that layer's own cache (30 distinct caches, as in a real decode step, so the caches are
 read from DRAM rather than from a warm L3). Reported per token (30 layers): time of
 ``torch_bitnet.int8_attention`` over int8 caches with float32 queries and with bf16 queries
-(the model's: on the AVX2 and AVX-512 paths these use int16 products, see attention_avx512.cpp), of ``scaled_dot_product_attention`` (GQA)
-over fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
+(the model's: on the AVX2, AVX-512 and AMX paths these use int16 products, see
+attention_avx512.cpp and attention_amx.cpp), of ``scaled_dot_product_attention`` (GQA) over
+fp32 and bf16 caches, and the cache bytes of each. Median of ``--repeats`` tokens, after
 warm-up, all in one run. The 1-minute load average is printed before and after: other
 processes on the machine slow the threads down (rerun when it is well below the core count).
+
+``--paths A,B`` (with ``--prompts``) times the prompts' attention of bf16 queries on each of
+these kernel paths in turn, in one process, alternating rounds, and prints the ratios (e.g.
+``--paths avx512vbmi,amx`` on a CPU with AMX).
 
 ``--prompts N,...`` adds the attention of a prompt: N queries, each seeing the positions up to
 its own (causal), over one layer's N-position cache, as a prefill computes it once per layer.
@@ -65,7 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="512,2048,4096", help="comma-separated context lengths")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--prompts", default="", help="comma-separated prompt lengths (default: none)")
+    parser.add_argument("--paths", default="",
+                        help="two or more kernel paths, e.g. avx512vbmi,amx: the prompts' attention of bf16 queries "
+                             "on each, in one process, alternating rounds (default: only the current path)")
     args = parser.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if paths and not args.prompts:
+        parser.error("--paths compares prompt attention: give --prompts too")
+    missing = [p for p in paths if p not in torch_bitnet.available_isas()]
+    if missing:
+        parser.error(f"this CPU cannot run {', '.join(missing)} (available: {', '.join(torch_bitnet.available_isas())})")
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
@@ -114,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     print("GB/s = int8 cache bytes / int8 time (the rate the caches are read at)")
     if args.prompts:
         prompts(g, [int(n) for n in args.prompts.split(",")], args.repeats)
+    if paths:
+        compare_paths(g, [int(n) for n in args.prompts.split(",")], paths, args.repeats)
     print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
@@ -140,6 +156,28 @@ def prompts(g: torch.Generator, lengths: list[int], repeats: int) -> None:
             print(f"{n:>8} | {t8 * 1e3:8.2f} {t8b * 1e3:9.2f} {macs / t8b / 1e9:13.1f} | {t32 * 1e3:12.2f} "
                   f"{t32 / t8:5.1f} | {t16 * 1e3:12.2f} {t16 / t8:5.1f}")
     print("x = SDPA time / int8 time (float32 queries); a prefill runs this once per layer")
+
+
+def compare_paths(g: torch.Generator, lengths: list[int], paths: list[str], rounds: int) -> None:
+    """The prompt rows' int8 attention of bf16 queries on each kernel path: ``rounds`` rounds, each
+    timing every path in turn (median of 3 calls), so a slow phase of the machine hits them alike."""
+    print(f"prompt attention of bf16 queries by path: median of {rounds} alternating rounds (ms)")
+    print(f"{'prompt':>8} | " + " ".join(f"{p:>11}" for p in paths) + f" | {paths[0]} / each")
+    scale = HEAD_DIM**-0.5
+    with torch.inference_mode():
+        for n in lengths:
+            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+            cache, pos = int8_cache(k, v), torch.arange(n)
+            qb = torch.randn(1, HEADS, n, HEAD_DIM, generator=g).bfloat16()
+            times = {p: [] for p in paths}
+            for _ in range(rounds):
+                for p in paths:
+                    with torch_bitnet.use_isa(p):
+                        times[p].append(median_seconds(lambda: torch_bitnet.int8_attention(qb, *cache, pos, scale), 3))
+            med = {p: statistics.median(t) for p, t in times.items()}
+            print(f"{n:>8} | " + " ".join(f"{med[p] * 1e3:11.2f}" for p in paths) + " | "
+                  + " ".join(f"{med[paths[0]] / med[p]:.2f}x" for p in paths[1:]))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
+def prompt_inputs(g: torch.Generator, n: int) -> tuple:
+    """A prompt of n tokens: float keys and values (1, KV_HEADS, n, HEAD_DIM), float queries (1,
+    HEADS, n, HEAD_DIM), the int8 cache holding the keys and values, and the positions 0 .. n - 1."""
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
+    q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+    return k, v, q, int8_cache(k, v), torch.arange(n)
+
+
 def prompts(g: torch.Generator, lengths: list[int], repeats: int) -> None:
     """The prompt rows (module docstring): per layer, N causal queries over N positions."""
     print(f"one layer's prompt attention: {HEADS} heads / {KV_HEADS} kv heads x head_dim {HEAD_DIM}, causal")
@@ -141,10 +150,7 @@ def prompts(g: torch.Generator, lengths: list[int], repeats: int) -> None:
     scale = HEAD_DIM**-0.5
     with torch.inference_mode():
         for n in lengths:
-            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
-            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
-            cache, pos = int8_cache(k, v), torch.arange(n)
-            q = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
+            k, v, q, cache, pos = prompt_inputs(g, n)
             qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
             t8 = median_seconds(lambda: torch_bitnet.int8_attention(q, *cache, pos, scale), repeats)
             t8b = median_seconds(lambda: torch_bitnet.int8_attention(qb, *cache, pos, scale), repeats)
@@ -166,10 +172,8 @@ def compare_paths(g: torch.Generator, lengths: list[int], paths: list[str], roun
     scale = HEAD_DIM**-0.5
     with torch.inference_mode():
         for n in lengths:
-            k = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
-            v = torch.randn(1, KV_HEADS, n, HEAD_DIM, generator=g)
-            cache, pos = int8_cache(k, v), torch.arange(n)
-            qb = torch.randn(1, HEADS, n, HEAD_DIM, generator=g).bfloat16()
+            _, _, q, cache, pos = prompt_inputs(g, n)
+            qb = q.bfloat16()
             times = {p: [] for p in paths}
             for _ in range(rounds):
                 for p in paths:

@@ -120,29 +120,7 @@ void rope_row_scalar(const void* x, const float* c, const float* s, DType dt, in
 }
 
 void add_rows_scalar(const void* a, const void* b, DType dt, int64_t n, void* out) {
-  switch (dt) {  // one loop per dtype (straight-line code)
-    case DType::F32: {
-      const float* x = static_cast<const float*>(a);
-      const float* y = static_cast<const float*>(b);
-      float* o = static_cast<float*>(out);
-      for (int64_t i = 0; i < n; ++i) o[i] = x[i] + y[i];
-      break;
-    }
-    case DType::BF16: {
-      const uint16_t* x = static_cast<const uint16_t*>(a);
-      const uint16_t* y = static_cast<const uint16_t*>(b);
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(y[i]));
-      break;
-    }
-    case DType::F16: {
-      const uint16_t* x = static_cast<const uint16_t*>(a);
-      const uint16_t* y = static_cast<const uint16_t*>(b);
-      uint16_t* o = static_cast<uint16_t*>(out);
-      for (int64_t i = 0; i < n; ++i) o[i] = float_to_f16(f16_to_float(x[i]) + f16_to_float(y[i]));
-      break;
-    }
-  }
+  for (int64_t i = 0; i < n; ++i) store_float(out, dt, i, load_float(a, dt, i) + load_float(b, dt, i));
 }
 
 void quantize_rows(const Kernels& kern, const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,

@@ -34,22 +34,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kGroup = kAttentionGroup;
 
-// Keys ahead of the one being scored whose d bytes are prefetched (16-64 measured alike).
-constexpr int64_t kPrefetchKeys = 16;
-
-// Prefetch key j + kPrefetchKeys and the value of key j into L1. A decode token reads each
-// layer's cache from DRAM (the weights streamed in between evict it), and without this ~1/3 of
-// the kernel's time stalled on the loads of the keys and of the values (step 3 reads the
-// block's values right after its scores). Prefetches past the cache's end do not fault.
-TB_AVX2_INLINE void prefetch_key(const AttentionProblem& p, int64_t j) {
-  const char* k = reinterpret_cast<const char*>(p.k + (j + kPrefetchKeys) * p.d);
-  const char* v = reinterpret_cast<const char*>(p.v + j * p.d);
-  for (int64_t o = 0; o < p.d; o += 64) {
-    _mm_prefetch(k + o, _MM_HINT_T0);
-    _mm_prefetch(v + o, _MM_HINT_T0);
-  }
-}
-
 // 8 int8 -> 8 floats.
 TB_AVX2_INLINE __m256 load_i8x8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

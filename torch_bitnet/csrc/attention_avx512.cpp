@@ -115,6 +115,8 @@ TB_AVX512 void block_group(const AttentionProblem& p, int64_t g0, int64_t c0, in
     }
     const int8_t* k0 = p.k + (c0 + j) * d;
     const int8_t* k1 = p.k + (c0 + j1) * d;
+    prefetch_key(p, c0 + j);
+    prefetch_key(p, c0 + j1);
     __m512 a[2 * kGroup];
 #pragma GCC unroll 8
     for (int r = 0; r < 2 * kGroup; ++r) a[r] = _mm512_setzero_ps();
@@ -266,6 +268,8 @@ TB_AVX512 void block_group16(const AttentionProblem& p, const int16_t* q16, cons
     }
     const int8_t* k0 = p.k + (c0 + j) * d;
     const int8_t* k1 = p.k + (c0 + j1) * d;
+    prefetch_key(p, c0 + j);
+    prefetch_key(p, c0 + j1);
     __m512i a[2 * kGroup];
 #pragma GCC unroll 8
     for (int r = 0; r < 2 * kGroup; ++r) a[r] = _mm512_setzero_si512();

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--paths compares prompt attention: give --prompts too")
     missing = [p for p in paths if p not in torch_bitnet.available_isas()]
     if missing:
-        parser.error(f"this CPU cannot run {', '.join(missing)} (available: {', '.join(torch_bitnet.available_isas())})")
+        available = ", ".join(torch_bitnet.available_isas())
+        parser.error(f"this CPU cannot run {', '.join(missing)} (available: {available})")
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_model()} | threads: {args.threads} | torch {torch.__version__} | ISA: {torch_bitnet.get_isa()}")
     print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")

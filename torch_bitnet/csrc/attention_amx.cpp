@@ -41,8 +41,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Tasks of fewer rows go to attention_partial_avx512, whose groups of 4 rows win at 4 (a decode
-// step of 4 query heads per kv head: 0.78-0.92x on AMX) and lose from 5 (1.13-1.14x on AMX, 1.3-1.5x
-// at 8; BENCHMARKS.md, "AMX attention").
+// step of 4 query heads per kv head: 0.78-0.92x on AMX) and lose from 5 (1.13-1.14x on AMX,
+// 1.3-1.5x at 8; BENCHMARKS.md, "AMX attention, ...").
 constexpr int64_t kAmxMinRows = 5;
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kBlock = kAttentionBlock;  // 64 positions: one tile row of bytes
@@ -213,7 +213,8 @@ TB_AVX512 void tile_block(const AttentionProblem& p, RowTile& t, int64_t c0, int
   for (int64_t j = 0; j < nk; ++j) {
     const __m512i bit = _mm512_set1_epi64(int64_t(uint64_t(1) << j));
     const __mmask16 live = __mmask16(_mm512_test_epi64_mask(vis_lo, bit) | (_mm512_test_epi64_mask(vis_hi, bit) << 8));
-    const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi + 16 * j), 8), _mm512_load_si512(lo + 16 * j));
+    const __m512i dot =
+        _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi + 16 * j), 8), _mm512_load_si512(lo + 16 * j));
     const __m512 sc = _mm512_mask_mul_ps(hidden, live, _mm512_mul_ps(_mm512_cvtepi32_ps(dot), qs),
                                          _mm512_set1_ps(p.k_scale[c0 + j] * p.scale));
     _mm512_store_ps(w + 16 * j, sc);

@@ -302,9 +302,9 @@ struct AttentionProblem {
   // values from int16 products (attention_avx512.cpp), whose error (~1e-5 relative) is far
   // below the 2^-9 rounding of the 16-bit result. float32 queries keep float products.
   bool int16_products = false;
-  // Distinct for every int8_attention call (never 0): a kernel may keep work on a (batch, kv head)'s
-  // cache from one task of the call to the next on the same thread (attention_amx.cpp), since
-  // the cache cannot change within a call.
+  // Distinct for every int8_attention call (never 0): a kernel may keep work on a (batch, kv
+  // head)'s cache from one task of the call to the next on the same thread (attention_amx.cpp),
+  // since the cache cannot change within a call.
   uint64_t call = 0;
 };
 
@@ -329,6 +329,7 @@ inline void prefetch_key(const AttentionProblem& p, int64_t j) {
     __builtin_prefetch(v + o, 0, 3);
   }
 }
+
 // Most partial states attention_merge combines for one row.
 constexpr int64_t kMaxAttentionParts = 64;
 
@@ -504,7 +505,8 @@ void int4_embedding_rows(const int64_t* ids, int64_t count, const uint8_t* w, co
                          int64_t d, void* out, DType dt);
 
 // ---- int8 KV cache (attention_scalar.cpp: quantization, the portable attention kernel and
-// the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp, attention_amx.cpp) ----
+// the merge; SIMD attention kernels in attention_avx2.cpp, attention_avx512.cpp and
+// attention_amx.cpp) ----
 
 // The portable entries of the Kernels table's per-token steps (load_row, rope_row,
 // kv_quantize, add_rows), and their AVX2 and AVX-512 versions (rows_avx2.cpp, rows_avx512.cpp).

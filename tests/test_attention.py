@@ -335,6 +335,29 @@ def test_amx_attention_per_call_and_thread_count():
     assert not torch.allclose(outs[0].float(), outs[1].float(), atol=0.1)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_attention_over_position_ranges(threads):
+    """A short chunk over a long cache: few tasks, so with 2 or more threads each kv head's
+    positions are split into ranges (flash-decoding) that start past position 0, each an AMX
+    task of 12 rows (4 heads x 3 queries) whose last block ends inside the cache, then merged."""
+    if "amx" not in torch_bitnet.available_isas():
+        pytest.skip("this CPU cannot run the amx path")
+    g = torch.Generator().manual_seed(11)
+    cache = _cache(1, 2, 2000, 128)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, 2000, 128, generator=g) * 2,
+                                    torch.randn(1, 2, 2000, 128, generator=g), torch.arange(2000))
+    q = (torch.randn(1, 8, 3, 128, generator=g) * 3).to(torch.bfloat16)
+    args = (q, *cache, torch.tensor([1900, 1950, 1999]), 128**-0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        amx, avx512 = _attend("amx", *args).float(), _attend("avx512", *args).float()
+    finally:
+        torch.set_num_threads(before)
+    vmax = _dequantized(cache)[1].abs().max().item()
+    torch.testing.assert_close(amx, avx512, rtol=2.0**-7, atol=2.0**-13 * vmax)
+
+
 def test_decode_over_a_4096_cache_with_2b4t_geometry(isa):
     # 20 query heads over 5 kv heads, head_dim 128, as bitnet-b1.58-2B-4T; one query at 4095.
     torch.manual_seed(0)

@@ -296,8 +296,14 @@ TB_AVX512 void attention_partial_amx(const AttentionProblem& p, int64_t r0, int6
   for (int64_t r = r0; r < r1; ++r) c1 = std::max(c1, std::min(j1, p.end[r % p.nq]));
   thread_local KvTiles kv;
   kv.prepare(p, j0, j1, c1);
-  // The last block's keys past j1 (which may be past the cache) come from a zero-padded copy.
+  // A last block reaching past j1 (maybe past the cache) takes its keys from a zero-padded copy,
+  // made once for all row tiles.
+  const int64_t last = j0 + (c1 - j0 - 1) / kBlock * kBlock;  // the last block's first position
   alignas(64) int8_t tail[kBlock * kMaxHeadDim];
+  if (last + kBlock > j1) {
+    std::memset(tail, 0, size_t(kBlock * d));
+    std::memcpy(tail, p.k + last * d, size_t((j1 - last) * d));
+  }
   RowTile t;
   bool configured = false;
   for (int64_t g0 = r0; g0 < r1; g0 += 16) {
@@ -324,12 +330,7 @@ TB_AVX512 void attention_partial_amx(const AttentionProblem& p, int64_t r0, int6
         if (vis[r]) nk = std::max<int64_t>(nk, 64 - __builtin_clzll(vis[r]));
       }
       if (nk == 0) continue;  // no row of the tile sees the block
-      const int8_t* keys = p.k + c0 * d;
-      if (c0 + kBlock > j1) {
-        std::memset(tail, 0, size_t(kBlock * d));
-        std::memcpy(tail, keys, size_t((j1 - c0) * d));
-        keys = tail;
-      }
+      const int8_t* keys = c0 + kBlock > j1 ? tail : p.k + c0 * d;
       if (!configured) {
         configure_tiles({16, 16, 16, 16, 16, 16, 16, 16});
         configured = true;

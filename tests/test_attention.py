@@ -261,6 +261,7 @@ def test_non_finite_16bit_queries_take_the_float_path(dtype):
 
 
 @given(
+    b=st.integers(1, 2),
     d=st.sampled_from([64, 128, 192, 256]),
     groups=st.sampled_from([1, 2, 4, 5]),
     qlen=st.integers(2, 70),
@@ -269,11 +270,11 @@ def test_non_finite_16bit_queries_take_the_float_path(dtype):
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_amx_attention_over_many_rows(d, groups, qlen, before, dtype, masked, seed):
+def test_amx_attention_over_many_rows(b, d, groups, qlen, before, dtype, masked, seed):
     """Prefill chunks on the amx path: tasks of 5 rows or more take the int16 products on AMX tiles
     (attention_amx.cpp), 16 rows per tile (here also partial tiles, tiles spanning two query
-    heads, several tasks per kv head), 64 positions per block (partly visible blocks, a last
-    block past the cache's end, rows that see nothing).
+    heads, several tasks per kv head, a batch of 2 with its own masks), 64 positions per block
+    (partly visible blocks, a last block past the cache's end, rows that see nothing).
 
     Against the AVX-512 kernel: the same int32 products; the float steps differ in order (scores
     converted once instead of as 8 partial sums, e^x of the rescaling by the polynomial instead
@@ -287,14 +288,14 @@ def test_amx_attention_over_many_rows(d, groups, qlen, before, dtype, masked, se
         pytest.skip("this CPU cannot run the amx path")
     g = torch.Generator().manual_seed(seed)
     length = before + qlen
-    cache = _cache(1, 2, length, d)
-    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(1, 2, length, d, generator=g) * 2,
-                                    torch.randn(1, 2, length, d, generator=g), torch.arange(length))
-    q = (torch.randn(1, 2 * groups, qlen, d, generator=g) * 3).to(dtype)
+    cache = _cache(b, 2, length, d)
+    torch_bitnet.ops.kv_cache_write(*cache, torch.randn(b, 2, length, d, generator=g) * 2,
+                                    torch.randn(b, 2, length, d, generator=g), torch.arange(length))
+    q = (torch.randn(b, 2 * groups, qlen, d, generator=g) * 3).to(dtype)
     mask = None
     if masked:
-        mask = torch.rand(1, qlen, length, generator=g) > 0.3
-        mask[0, 0] = False  # the first query sees nothing
+        mask = torch.rand(b, qlen, length, generator=g) > 0.3
+        mask[:, 0] = False  # the first query sees nothing
     args = (q, *cache, torch.arange(before, length), d**-0.5, mask)
     amx, avx512, float_path = (_attend(name, *args).float() for name in ("amx", "avx512", "scalar"))
     vmax = _dequantized(cache)[1].abs().max().item()

@@ -57,27 +57,6 @@ TB_AVX512_INLINE void transpose_lanes(__m512i* v) {
   v[3] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
 }
 
-// A 16 x 16 matrix of dwords transposed in registers: x[n] dword i -> x[i] dword n.
-TB_AVX512_INLINE void transpose_16x16(__m512i* x) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(x[i], x[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(x[i], x[i + 1]);
-  }
-  __m512i u[16];  // u[4 i + j] lane L: rows 4i .. 4i + 3 of column 4 L + j
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {
-    __m512i c[4] = {u[j], u[4 + j], u[8 + j], u[12 + j]};
-    transpose_lanes(c);
-    for (int L = 0; L < 4; ++L) x[4 * L + j] = c[L];
-  }
-}
-
 // 64 bytes of row j of a (rows, stride) matrix, zeros for rows at or past `rows`.
 TB_AVX512_INLINE __m512i load_row64(const void* base, int64_t j, int64_t rows, int64_t stride) {
   return j < rows ? _mm512_loadu_si512(static_cast<const int8_t*>(base) + j * stride) : _mm512_setzero_si512();
@@ -102,7 +81,7 @@ TB_AVX512 void transpose_values(const int8_t* v, int64_t d, int64_t c0, int64_t 
       for (int L = 0; L < 4; ++L) quads[L][i] = x[L];
     }
     for (int L = 0; L < 4; ++L) {
-      transpose_16x16(quads[L]);
+      transpose16(quads[L]);
       for (int n = 0; n < 16; ++n) _mm512_store_si512(vt + (4 * h + L) * 1024 + 64 * n, quads[L][n]);
     }
   }
@@ -166,8 +145,8 @@ TB_AVX512 bool load_queries(const AttentionProblem& p, int64_t g0, int rt, RowTi
       x[r] = load_row64(hi + 64 * s, r, rt, d);
       y[r] = load_row64(lo + 64 * s, r, rt, d);
     }
-    transpose_16x16(x);
-    transpose_16x16(y);
+    transpose16(x);
+    transpose16(y);
     for (int i = 0; i < 16; ++i) {
       _mm512_store_si512(t.q + 1024 * s + 64 * i, x[i]);
       _mm512_store_si512(t.q + 1024 * (steps + s) + 64 * i, y[i]);
@@ -345,7 +324,7 @@ TB_AVX512 void attention_partial_amx(const AttentionProblem& p, int64_t r0, int6
     for (int64_t n = 0; n < d; n += 16) {
       __m512i x[16];
       for (int i = 0; i < 16; ++i) x[i] = _mm512_load_si512(t.acc + 16 * (n + i));
-      transpose_16x16(x);
+      transpose16(x);
       for (int r = 0; r < rt; ++r) _mm512_storeu_si512(acc + (g0 - r0 + r) * d + n, x[r]);
     }
   }

@@ -9,7 +9,7 @@
     python benchmarks/bench_decode_ab.py --compare causal-mask --cache-len 4096
     python benchmarks/bench_decode_ab.py --compare graph-call
 
-``--compare formats`` (default): the 2-bit and the 5-trit weight formats. ``--compare step``:
+``--compare formats`` (default): two weight formats, ``--formats`` (2-bit and 5-trit unless told). ``--compare step``:
 one model (``--ternary-format``) with two decode sessions, the ahead-of-time compiled step
 (``generate``'s) and the lazily compiled one (``DecodeSession(ahead_of_time=False)``: dynamo's
 guarded call, its guard evaluation skipped after the first step of a block). ``--compare
@@ -60,6 +60,7 @@ import torch_bitnet as tb
 from torch_bitnet import fuse, kv_cache
 from torch_bitnet.bench import cpu_model, default_workdir, prepare_checkpoint
 from torch_bitnet.loading import PACKED_FILE
+from torch_bitnet.packing import FORMATS
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,8 +68,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compare", choices=("formats", "step", "alignment", "layer-op", "causal-mask", "graph-call"),
                    default="formats",
                    help="what differs (default formats)")
-    p.add_argument("--ternary-format", choices=("2bit", "5trit"), default="2bit",
+    p.add_argument("--ternary-format", choices=FORMATS, default="2bit",
                    help="weights for the comparisons of one model")
+    p.add_argument("--formats", default="2bit,5trit",
+                   help="the two weight formats --compare formats compares, comma-separated (default 2bit,5trit)")
     p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     p.add_argument("--blocks", type=int, default=24, help="timed blocks per format (default 24)")
     p.add_argument("--steps", type=int, default=10, help="decode steps per block (default 10)")
@@ -101,7 +104,10 @@ def main() -> None:
     max_len = max(args.cache_len, args.context + 2 * args.blocks * args.steps + 1)
     runs = {}
     if args.compare == "formats":
-        for fmt in ("2bit", "5trit"):
+        formats = args.formats.split(",")
+        if len(formats) != 2 or not set(formats) <= set(FORMATS):
+            raise SystemExit(f"--formats takes two of {', '.join(FORMATS)}, got {args.formats!r}")
+        for fmt in formats:
             path, _ = prepare_checkpoint(args.workdir, lm_head=args.lm_head, ternary_format=fmt)
             model = tb.from_pretrained(path, lm_head=args.lm_head, progress=False)
             runs[fmt] = {"model": model, "session": gen.prepare(model, max_len)}

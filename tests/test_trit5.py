@@ -222,7 +222,7 @@ def test_golden_small_k_padding():
 
 
 def test_packed_shape_and_padding_helpers():
-    assert FORMATS == ("2bit", "5trit") and BLOCK_K5 == 320
+    assert FORMATS == ("2bit", "5trit", "3trit") and BLOCK_K5 == 320
     assert packing.padded_in_features(1, "5trit") == 320
     assert packing.padded_in_features(320, "5trit") == 320
     assert packing.padded_in_features(321, "5trit") == 640
@@ -335,7 +335,7 @@ def test_non_zero_padding_rejected():
     assert_unpack_and_repack_reject(packed, 330, "non-zero values in the K padding")
 
 
-BOTH_300 = r"expected \(2, 128\) \(2-bit\) or \(2, 1, 64\) \(5-trit\)"
+BOTH_300 = r"expected \(2, 128\) \(2-bit\), \(2, 1, 64\) \(5-trit\) or \(1, 34, 32, 2\) \(3-trit\)"
 
 
 @pytest.mark.parametrize(
@@ -359,8 +359,8 @@ def test_wrong_shape_rejected(shape):
 
 
 def test_wrong_rank_and_dtype_rejected():
-    with pytest.raises(ValueError, match=r"must be 2-D \(2-bit\) or 3-D \(5-trit\)"):
-        unpack_ternary(torch.full((2, 1, 1, 64), 104, dtype=torch.uint8), 300)
+    with pytest.raises(ValueError, match=r"must be 2-D \(2-bit\), 3-D \(5-trit\) or 4-D \(3-trit\)"):
+        unpack_ternary(torch.full((2, 1, 1, 1, 64), 104, dtype=torch.uint8), 300)
     with pytest.raises(ValueError, match=BOTH_300):
         check_packed(torch.zeros((2, 64), dtype=torch.uint8), 300, 2)  # 5-trit bytes flattened to 2-D
     with pytest.raises(TypeError, match="packed weight must be uint8"):
@@ -688,11 +688,11 @@ def _w(*shape, dtype=torch.uint8):
 
 
 def _both(n, k):
-    """Regex for the shape error naming both formats' shapes, in the C++ ([..]) and the Python
+    """Regex for the shape error naming every format's shape, in the C++ ([..]) and the Python
     ((..)) spelling."""
-    two, five = packed_shape(n, k, "2bit"), packed_shape(n, k, "5trit")
+    two, five, three = (packed_shape(n, k, f) for f in ("2bit", "5trit", "3trit"))
     fmt = lambda s: r"[\[(]" + ", ".join(map(str, s)) + r"[\])]"  # noqa: E731
-    return f"expected {fmt(two)} \\(2-bit\\) or {fmt(five)} \\(5-trit\\)"
+    return f"expected {fmt(two)} \\(2-bit\\), {fmt(five)} \\(5-trit\\) or {fmt(three)} \\(3-trit\\)"
 
 
 _S = lambda: _x(1)  # noqa: E731

@@ -89,7 +89,7 @@ def test_set_ternary_format_round_trips_and_recompiles(checkpoints):
         set_ternary_format(model, "2bit")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit or auto"):
+    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit, 3trit or auto"):
         set_ternary_format(model, "3bit")
 
 
@@ -105,7 +105,7 @@ def test_auto_format_follows_the_kernel_path(checkpoints):
             model = torch_bitnet.from_pretrained(checkpoints["offline"], dtype=torch.float32, ternary_format="auto")
             assert _formats(model) == {expected}
             assert _formats(set_ternary_format(set_ternary_format(model, "2bit"), "auto")) == {expected}
-    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit or auto, got '3bit'"):
+    with pytest.raises(ValueError, match="ternary_format must be one of 2bit, 5trit, 3trit or auto, got '3bit'"):
         torch_bitnet.resolve_ternary_format("3bit")
 
 

@@ -148,7 +148,7 @@ class BitLinear(nn.Module):
 
     def ternary_weight(self) -> torch.Tensor:
         """The logical ternary weight, int8 (out_features, in_features) (unpacked copy)."""
-        return unpack_ternary(self.weight, self.in_features)
+        return unpack_ternary(self.weight, self.in_features, self.out_features)
 
 
 def resolve_ternary_format(ternary_format: str = "auto") -> str:
@@ -192,7 +192,7 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     ternary_format = resolve_ternary_format(ternary_format)
     for module in model.modules():
         if isinstance(module, BitLinear) and module.ternary_format != ternary_format:
-            module.weight = repack(module.weight, module.in_features, ternary_format)
+            module.weight = repack(module.weight, module.in_features, ternary_format, module.out_features)
     return model
 
 

@@ -37,6 +37,21 @@ produced; :func:`unpack_ternary` rejects them, and the kernels read them as a fi
 (u0..u3 = 1, u4 = min(2, (c & 63) // 21)) on every path. :func:`repack` converts between the
 formats losslessly.
 
+The 3-trit format (1.78 bits per weight, 16 bits per 9 weights) is 4-D, built for a decode
+kernel that looks up sums of activations instead of multiplying (one ``VPERMW`` gives 32 rows'
+sums over 3 weights each)::
+
+    K is padded to Kp3 = ceil(K / 9) * 9 with w = 0, N to ceil(N / 32) * 32 with zero rows
+    packed          : uint8 (ceil(N / 32), Kp3 / 9, 32, 2): tile t, group j, row r, byte
+    the little-endian 16-bit word (t, j, r) holds, at bits 0, 5 and 10, the indices
+        i_m = u0 + 3*u1 + 9*u2     (m = 0, 1, 2; 0..26)
+    of the codes u = w + 1 of row 32*t + r at k = 9*j + 3*m + (0, 1, 2)
+
+Nine zero weights encode as 13741 (:data:`TRIT3_ZERO`: index 13 three times). Bit 15 is never set and indices 27-31 never produced; :func:`unpack_ternary` rejects
+both, and the kernels ignore bit 15 and read indices 27-31 as three zero weights on every path.
+The padded rows are zero weights too; the weight's ``out_features`` is not in its shape, so
+:func:`unpack_ternary` and :func:`repack` need it for this format.
+
 transformers' layout (``transformers.integrations.bitnet.pack_weights``) is different:
 uint8 (N/4, K), packed row r holds original rows r, R+r, 2R+r, 3R+r (R = N/4) in bits
 1:0, 3:2, 5:4, 7:6 with the same codes w + 1. ``from_hf_packed`` / ``to_hf_packed`` convert.
@@ -52,6 +67,9 @@ __all__ = [
     "FORMATS",
     "MAX_IN_FEATURES",
     "TRIT5_ZERO",
+    "TRIT3_ZERO",
+    "GROUP_K3",
+    "TILE_N3",
     "padded_in_features",
     "packed_shape",
     "packed_format",
@@ -69,10 +87,15 @@ __all__ = [
 BLOCK_K = 256
 #: weights along K per 64-byte block (5-trit format)
 BLOCK_K5 = 320
+#: weights along K per 16-bit word, and output rows per tile (3-trit format)
+GROUP_K3 = 9
+TILE_N3 = 32
 #: the packed formats, by name
-FORMATS = ("2bit", "5trit")
+FORMATS = ("2bit", "5trit", "3trit")
 #: the 5-trit byte of five zero weights
 TRIT5_ZERO = 104
+#: the 3-trit word of nine zero weights
+TRIT3_ZERO = 13 | 13 << 5 | 13 << 10
 #: largest supported in_features: keeps |int32 accumulator| <= 128 * K <= 2**24, so the
 #: accumulator converts to float32 exactly (and the AVX-512 partial sums cannot overflow).
 MAX_IN_FEATURES = 1 << 17
@@ -86,7 +109,7 @@ def _check_format(format: str) -> None:
 def padded_in_features(in_features: int, format: str = "2bit") -> int:
     """K rounded up to a whole number of blocks of ``format`` (the kernels' K)."""
     _check_format(format)
-    block = BLOCK_K if format == "2bit" else BLOCK_K5
+    block = {"2bit": BLOCK_K, "5trit": BLOCK_K5, "3trit": GROUP_K3}[format]
     return -(-in_features // block) * block
 
 
@@ -94,12 +117,15 @@ def packed_shape(out_features: int, in_features: int, format: str = "2bit") -> t
     """Shape of the packed uint8 tensor for an (out_features, in_features) weight in ``format``."""
     if format == "5trit":
         return (out_features, padded_in_features(in_features, format) // BLOCK_K5, 64)
+    if format == "3trit":
+        return (-(-out_features // TILE_N3), padded_in_features(in_features, format) // GROUP_K3, TILE_N3, 2)
     return (out_features, padded_in_features(in_features, format) // 4)
 
 
 def packed_format(packed: torch.Tensor) -> str:
-    """The format of a packed weight, from its rank: ``"5trit"`` if 3-D, else ``"2bit"``."""
-    return "5trit" if packed.dim() == 3 else "2bit"
+    """The format of a packed weight, from its rank: ``"3trit"`` if 4-D, ``"5trit"`` if 3-D, else
+    ``"2bit"``."""
+    return {4: "3trit", 3: "5trit"}.get(packed.dim(), "2bit")
 
 
 def check_features(in_features: int, out_features: int) -> None:
@@ -118,7 +144,7 @@ def check_features(in_features: int, out_features: int) -> None:
 
 def check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> None:
     """Raise TypeError/ValueError unless ``packed`` is a valid packed weight for the sizes,
-    in either format (2-D: 2-bit, 3-D: 5-trit).
+    in any format (2-D: 2-bit, 3-D: 5-trit, 4-D: 3-trit).
 
     The same checks, with the same messages, as the C++ operators and their fake kernels.
     """
@@ -130,8 +156,9 @@ def check_packed(packed: torch.Tensor, in_features: int, out_features: int) -> N
     if tuple(packed.shape) != packed_shape(out_features, in_features, packed_format(packed)):
         raise ValueError(
             f"bitnet: packed weight has shape {tuple(packed.shape)}, expected "
-            f"{packed_shape(out_features, in_features)} (2-bit) or "
-            f"{packed_shape(out_features, in_features, '5trit')} (5-trit) for "
+            f"{packed_shape(out_features, in_features)} (2-bit), "
+            f"{packed_shape(out_features, in_features, '5trit')} (5-trit) or "
+            f"{packed_shape(out_features, in_features, '3trit')} (3-trit) for "
             f"in_features={in_features}, out_features={out_features}"
         )
 
@@ -148,8 +175,8 @@ def _check_ternary(w: torch.Tensor, what: str) -> None:
 def pack_ternary(w: torch.Tensor, format: str = "2bit") -> torch.Tensor:
     """Pack a ternary integer matrix (N, K) with values in {-1, 0, 1} into ``format``.
 
-    2-bit: uint8 (N, Kp/4); 5-trit: uint8 (N, Kp5/320, 64). Lossless:
-    ``unpack_ternary(pack_ternary(w, format), K) == w``.
+    2-bit: uint8 (N, Kp/4); 5-trit: uint8 (N, Kp5/320, 64); 3-trit: uint8 (ceil(N/32), Kp3/9,
+    32, 2). Lossless: ``unpack_ternary(pack_ternary(w, format), K, N) == w``.
     """
     _check_format(format)
     _check_ternary(w, "ternary weight")
@@ -163,6 +190,16 @@ def pack_ternary(w: torch.Tensor, format: str = "2bit") -> torch.Tensor:
         u = codes.view(n, kp // BLOCK_K5, 5, 64)
         t = u[:, :, 0] + 3 * u[:, :, 1] + 9 * u[:, :, 2] + 27 * u[:, :, 3]
         return (64 * (t // 21) + 21 * u[:, :, 4] + t % 21).contiguous()
+    if format == "3trit":
+        # (N_pad, groups j, index m, code d) -> word (tile, j, row) of the indices at bits 5m
+        tiles = -(-n // TILE_N3)
+        padded = torch.ones((tiles * TILE_N3, kp), dtype=torch.int32, device=w.device)
+        padded[:n] = codes
+        u = padded.view(tiles * TILE_N3, kp // GROUP_K3, 3, 3)
+        idx = u[..., 0] + 3 * u[..., 1] + 9 * u[..., 2]
+        words = (idx[..., 0] | idx[..., 1] << 5 | idx[..., 2] << 10).to(torch.int16)
+        words = words.view(tiles, TILE_N3, kp // GROUP_K3).transpose(1, 2).contiguous()
+        return words.view(torch.uint8).view(tiles, kp // GROUP_K3, TILE_N3, 2)
     # (N, blocks, plane i, byte j) -> byte j gets plane i at bits 2i+1:2i
     planes = codes.view(n, kp // BLOCK_K, 4, 64)
     packed = planes[:, :, 0] | (planes[:, :, 1] << 2) | (planes[:, :, 2] << 4) | (planes[:, :, 3] << 6)
@@ -170,9 +207,18 @@ def pack_ternary(w: torch.Tensor, format: str = "2bit") -> torch.Tensor:
 
 
 def _codes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed weight (either format) -> (codes uint8 (N, Kp) in logical K order, bool (N, Kp):
-    the byte holding the code is one no weights encode to)."""
+    """Packed weight (any format) -> (codes uint8 (N, Kp) in logical K order, bool (N, Kp):
+    the byte or word holding the code is one no weights encode to). 3-trit: all ceil(N/32) * 32
+    rows."""
     n = packed.shape[0]
+    if packed_format(packed) == "3trit":
+        tiles, groups = packed.shape[0], packed.shape[1]
+        words = packed.view(torch.int16).view(tiles, groups, TILE_N3).to(torch.int32) & 0xFFFF
+        words = words.transpose(1, 2).reshape(tiles * TILE_N3, groups, 1)
+        idx = (words >> torch.tensor([0, 5, 10], dtype=torch.int32, device=packed.device)) & 31  # (rows, j, m)
+        digits = torch.stack([idx % 3, idx // 3 % 3, idx // 9], dim=3)  # (rows, j, m, d)
+        bad = ((idx >= 27) | (words >= 1 << 15)).unsqueeze(3).expand(digits.shape)
+        return digits.to(torch.uint8).reshape(tiles * TILE_N3, -1), bad.reshape(tiles * TILE_N3, -1)
     if packed_format(packed) == "5trit":
         c = packed.to(torch.int16)
         low = c & 63
@@ -187,36 +233,53 @@ def _codes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, codes == 3
 
 
-def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`, either format: packed -> int8 (N, in_features).
+def _out_features(packed: torch.Tensor, out_features: int | None) -> int:
+    """out_features of a packed weight: given, or its row count (2-bit, 5-trit); a 3-trit weight's
+    shape holds only ceil(N / 32)."""
+    if out_features is not None:
+        return out_features
+    if packed_format(packed) == "3trit":
+        raise ValueError("torch_bitnet: a 3-trit packed weight needs out_features (its shape holds ceil(N / 32) tiles)")
+    return packed.shape[0]
 
-    Raises ValueError if the packed data holds a code no weight encodes to (3 in the 2-bit
+
+def unpack_ternary(packed: torch.Tensor, in_features: int, out_features: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`, any format: packed -> int8 (N, in_features).
+
+    ``out_features`` (N) defaults to the 2-bit or 5-trit weight's row count; a 3-trit weight needs
+    it. Raises ValueError if the packed data holds a code no weight encodes to (3 in the 2-bit
     format) or non-zero padding.
     """
-    if packed.dim() not in (2, 3):
+    if packed.dim() not in (2, 3, 4):
         raise ValueError(
-            f"torch_bitnet: packed weight must be 2-D (2-bit) or 3-D (5-trit), got shape {tuple(packed.shape)}"
+            "torch_bitnet: packed weight must be 2-D (2-bit), 3-D (5-trit) or 4-D (3-trit), got shape "
+            f"{tuple(packed.shape)}"
         )
-    check_packed(packed, in_features, packed.shape[0])
+    n = _out_features(packed, out_features)
+    check_packed(packed, in_features, n)
     codes, bad = _codes(packed.contiguous())
     if bool(bad.any()):
         if packed_format(packed) == "5trit":
             raise ValueError("torch_bitnet: packed 5-trit weight holds a byte that encodes no five ternary weights")
+        if packed_format(packed) == "3trit":
+            raise ValueError("torch_bitnet: packed 3-trit weight holds a word that encodes no nine ternary weights")
         raise ValueError("torch_bitnet: packed weight holds the invalid code 3 (only 0, 1, 2 encode -1, 0, +1)")
     if bool((codes[:, in_features:] != 1).any()):
         raise ValueError("torch_bitnet: packed weight has non-zero values in the K padding")
-    return codes[:, :in_features].to(torch.int8) - 1
+    if bool((codes[n:] != 1).any()):
+        raise ValueError("torch_bitnet: packed 3-trit weight has non-zero values in the rows past out_features")
+    return codes[:n, :in_features].to(torch.int8) - 1
 
 
-def repack(packed: torch.Tensor, in_features: int, format: str) -> torch.Tensor:
-    """A packed weight (either format) converted to ``format``, losslessly; ``packed`` itself
-    if it already is in that format. Done once when a model is loaded or patched, never inside
-    a compiled graph."""
+def repack(packed: torch.Tensor, in_features: int, format: str, out_features: int | None = None) -> torch.Tensor:
+    """A packed weight (any format) converted to ``format``, losslessly; ``packed`` itself if it
+    already is in that format. ``out_features`` as for :func:`unpack_ternary`. Done once when a
+    model is loaded or patched, never inside a compiled graph."""
     _check_format(format)
     if packed_format(packed) == format:
-        check_packed(packed, in_features, packed.shape[0])
+        check_packed(packed, in_features, _out_features(packed, out_features))
         return packed
-    return pack_ternary(unpack_ternary(packed, in_features), format)
+    return pack_ternary(unpack_ternary(packed, in_features, out_features), format)
 
 
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,7 @@ def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def ternary_mm(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
     """Exact integer product ``xq @ W^T``: int8 (..., K) x packed ternary (N, Kp/4) -> int32 (..., N)."""
     check_packed(packed, in_features, out_features)
-    w = unpack_ternary(packed, in_features)
+    w = unpack_ternary(packed, in_features, out_features)
     # int64 matmul is exact; the kernels' int32 cannot overflow for K <= MAX_IN_FEATURES.
     acc = xq.to(torch.int64) @ w.to(torch.int64).t()
     return acc.to(torch.int32)

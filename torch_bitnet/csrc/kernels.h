@@ -139,6 +139,8 @@ struct GemmProblem {
   const int32_t* xsum = nullptr;  // (M,) sum of each activation row
   const uint8_t* w = nullptr;   // (N, ldw) packed weight, ldw = Kp / 4 bytes
   int64_t ldw = 0;
+  // 3-trit weights, one token: kLut3Entries int16 sums per group of 3 activations (lut3)
+  const int16_t* lut = nullptr;
   int64_t m = 0;                // tokens
   int64_t k_pad = 0;            // Kp, a multiple of 256
   Epilogue ep;
@@ -220,6 +222,23 @@ inline constexpr Trit5Tables kTrit5 = make_trit5_tables();
 
 // The code of weight 64*i + j of a block (chunk i = 0..4) from its byte c.
 inline uint8_t trit5_code(uint8_t c, int i) { return i < 4 ? (kTrit5.low4[c] >> (2 * i)) & 3 : kTrit5.u4[c & 63]; }
+
+// ---- 3-trit packed ternary weight (documented in torch_bitnet/packing.py) ----
+// uint8 (ceil(N/32), Kp3/9, 32, 2), Kp3 = K rounded up to 9: tiles of 32 output rows, each
+// Kp3/9 vectors of 32 little-endian 16-bit words; word r of vector j of tile t holds three 5-bit
+// indices, at bits 0, 5 and 10, of the codes u = w + 1 of row 32t + r at k = 9j + 3m + (0, 1, 2)
+// (m = 0, 1, 2): i_m = u0 + 3 u1 + 9 u2. Bit 15 is ignored; indices 27-31 (which no weights
+// produce) read as three zero weights on every path; rows past N are zero weights. A vector of
+// words is one tile's 32 rows, so one VPERMW looks up 32 rows' sums at once (ternary3_avx512.cpp).
+
+constexpr int64_t kGroupK3 = 9;    // weights per word
+constexpr int64_t kTileN3 = 32;    // rows per tile
+constexpr int64_t kLut3Entries = 32;  // int16 entries per group of 3 activations (27 used)
+
+inline int64_t pad_k3(int64_t k) { return (k + kGroupK3 - 1) / kGroupK3 * kGroupK3; }
+
+// Code d (0..2) of index i: its base-3 digit d, or 1 (a zero weight) for i >= 27.
+constexpr uint8_t trit3_code(unsigned i, int d) { return i >= 27 ? 1 : uint8_t(d == 0 ? i % 3 : d == 1 ? i / 3 % 3 : i / 9); }
 
 // ---- int8 per-row weights: the lm_head / embedding table (format: torch_bitnet/int8.py) ----
 // codes uint8 (N, Kp), Kp = K rounded up to 64, code = w + 128 with w in [-127, 127] (128 in
@@ -409,6 +428,20 @@ struct Kernels {
   void (*kv_quantize)(const void* x, DType dt, int64_t d, int8_t* q, float* scale);
   // The residual add of n elements of dtype dt: out = round_dt(a + b) (out may alias a or b).
   void (*add_rows)(const void* a, const void* b, DType dt, int64_t n, void* out);
+  // 3-trit weights (p.w its tiles, p.ldw = Kp3 / 9 * 64 bytes per tile, p.k_pad = Kp3 rounded
+  // up to 64, the activations zero from K) -> 2-bit weights: rows [n, n + rows) into w2 (row
+  // stride k_pad2 / 4 bytes), weights k >= Kp3 as zeros and k >= k_pad2 dropped (K padding:
+  // zero weights). Lossless; the ISA's gemm then multiplies them.
+  void (*unpack3)(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, int64_t k_pad2);
+  // One token against 3-trit weights (p as for unpack3, p.lut built by lut3 from p.xq): results
+  // for output rows [n0, n1). Null on the paths without it (which take gemm3 or the 2-bit route).
+  void (*gemv3)(const GemmProblem& p, int64_t n0, int64_t n1);
+  // The table gemv3 reads, over k < k_pad3 (a multiple of 3): for each group g of 3 activations,
+  // kLut3Entries int16 lut[32 g + i] = sum_d (digit d of i - 1) * xq[3 g + d], 0 for i >= 27.
+  void (*lut3)(const int8_t* xq, int64_t k_pad3, int16_t* lut);
+  // Several tokens against 3-trit weights without the 2-bit copy (p as for unpack3): results for
+  // output rows [n0, n1). Null on the paths without it (which unpack3, then gemm).
+  void (*gemm3)(const GemmProblem& p, int64_t n0, int64_t n1);
 };
 
 extern const Kernels kScalarKernels;
@@ -438,6 +471,14 @@ void unpack_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t*
 // As unpack_panel_avx512, from a 5-trit weight (p.w, p.ldw = Kp5 / 5) over Kp5 = p.k_pad: chunk i
 // of 5-trit block b is the 64 k of step 5 b + i (ternary5_avx512.cpp; needs AVX-512 VBMI).
 void unpack5_panel_vbmi(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
+// As unpack_panel_avx512, from a 3-trit weight (p as for Kernels::unpack3) over p.k_pad
+// (ternary3_avx512.cpp; needs AVX-512 VBMI), and the AVX-512 gemm over such panels for any M
+// (kernels_avx512.cpp): the VBMI table's gemm3.
+void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel);
+void gemm3_panels_avx512(const GemmProblem& p, int64_t n0, int64_t n1);
+// The AVX-512 BW gemv3 and its table (ternary3_avx512.cpp).
+void gemv3_avx512(const GemmProblem& p, int64_t n0, int64_t n1);
+void lut3_avx512(const int8_t* xq, int64_t k_pad3, int16_t* lut);
 // The int8 table's codes (rows [n, n + rows) of p.w, rows <= kPanelRows) in the same layout
 // over p.k_pad (int8_avx512.cpp); and its epilogue for `count` tokens from m x 16 rows from n,
 // only the rows in keep, from sum_ux[t * ld_sums + j] = sum of code * x: store_int8_result.
@@ -449,6 +490,9 @@ void store_int8_rows_avx512(const Int8Problem& p, int64_t m, int64_t count, int6
 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n, const int32_t* sum_ux,
                        int64_t ld_sums, uint16_t keep);
 #endif
+
+// The portable unpack3 (ternary3_scalar.cpp), used by every table.
+void unpack3_scalar(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, int64_t k_pad2);
 
 // The portable unpack5 (ternary5_scalar.cpp), used by every table but the VBMI one.
 void unpack5_scalar(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2);

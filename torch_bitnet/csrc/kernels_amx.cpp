@@ -122,8 +122,8 @@ void amx_panels(const AmxInput& x, int64_t n0, int64_t n1, const Unpack& unpack,
   if (configured >= 0) release_tiles();
 }
 
-// A ternary product on AMX: panels from 2-bit (unpack_panel_avx512) or 5-trit rows
-// (unpack5_panel_vbmi), results through the AVX-512 panel kernel's epilogue.
+// A ternary product on AMX: panels from 2-bit (unpack_panel_avx512), 5-trit (unpack5_panel_vbmi)
+// or 3-trit rows (unpack3_panel_avx512), results through the AVX-512 panel kernel's epilogue.
 template <void (*Unpack)(const GemmProblem&, int64_t, int64_t, uint8_t*)>
 void ternary_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
   amx_panels(
@@ -164,9 +164,18 @@ void int8_gemm_amx(const Int8Problem& p, int64_t n0, int64_t n1) {
       });
 }
 
+// 3-trit weights decoded straight into the panel; below kAmxMinM tokens the AVX-512 panels.
+void gemm3_amx(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.m < kAmxMinM)
+    gemm3_panels_avx512(p, n0, n1);
+  else
+    ternary_panels<unpack3_panel_avx512>(p, n0, n1);
+}
+
 Kernels with_amx(Kernels k) {
   k.gemm = gemm_amx;
   k.gemm5 = gemm5_amx;
+  k.gemm3 = gemm3_amx;
   k.int8_gemm = int8_gemm_amx;
   k.attention_partial = attention_partial_amx;
   return k;

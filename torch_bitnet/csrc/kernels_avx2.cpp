@@ -503,7 +503,7 @@ TB_AVX2 uint8_t stream_max_avx2(const uint8_t* p, int64_t n) {
 const Kernels kAvx2Kernels = {quantize_row_avx2, gemm_avx2, stream_max_avx2, attention_partial_avx2,
                                 int8_gemm_avx2, relu2_gate_avx2, int4_gemm_avx2,
                                 unpack5_scalar, nullptr, nullptr, load_row_avx2, rope_row_avx2, kv_quantize_avx2,
-                                add_rows_avx2};
+                                add_rows_avx2, unpack3_scalar, nullptr, nullptr, nullptr};
 
 }  // namespace tbn
 

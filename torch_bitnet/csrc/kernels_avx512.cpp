@@ -371,6 +371,8 @@ constexpr std::array<std::array<PanelFn, kPanelMR>, sizeof...(V)> panel_tiles(st
 // [nv - 1][mr - 1]
 constexpr auto kPanelTiles = panel_tiles(std::make_integer_sequence<int, kPanelVecs>());
 
+// Unpack fills a panel from p's weight: unpack_panel_avx512 (2-bit) or unpack3_panel_avx512.
+template <void (*Unpack)(const GemmProblem&, int64_t, int64_t, uint8_t*)>
 void gemm_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
   thread_local AlignedBuffer buffer;  // one thread's panel: kPanelRows x Kp bytes
   uint8_t* panel = static_cast<uint8_t*>(buffer.get(size_t(kPanelRows * p.k_pad)));
@@ -378,7 +380,7 @@ void gemm_panels(const GemmProblem& p, int64_t n0, int64_t n1) {
     const int64_t rows = std::min(kPanelRows, n1 - n);
     const int64_t nv = (rows + 15) / 16;
     const __mmask16 last_keep = __mmask16((1u << (rows - 16 * (nv - 1))) - 1u);
-    unpack_panel_avx512(p, n, rows, panel);
+    Unpack(p, n, rows, panel);
     for (int64_t m = 0; m < p.m; m += kPanelMR)
       kPanelTiles[nv - 1][std::min<int64_t>(kPanelMR, p.m - m) - 1](p, panel, m, n, last_keep);
   }
@@ -390,7 +392,7 @@ void gemm_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
     return;
   }
   if (p.m >= kPanelMinM) {
-    gemm_panels(p, n0, n1);
+    gemm_panels<unpack_panel_avx512>(p, n0, n1);
     return;
   }
   // Tokens are processed in chunks whose activations (chunk x Kp bytes, <= 256 KiB) stay in
@@ -430,10 +432,16 @@ TB_AVX512 void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count,
   for (int64_t t = 0; t < count; ++t) store_vec(p, m + t, n, _mm512_loadu_si512(sum_ux + t * ld_sums), __mmask16(keep));
 }
 
+// Every token count on the panels: the 3-trit codes must be unpacked anyway, and the panel
+// tiles take any M.
+void gemm3_panels_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
+  gemm_panels<unpack3_panel_avx512>(p, n0, n1);
+}
+
 const Kernels kAvx512Kernels = {quantize_row_avx512, gemm_avx512, stream_max_avx512, attention_partial_avx512,
                                 int8_gemm_avx512, relu2_gate_avx512, int4_gemm_avx512,
                                 unpack5_scalar, nullptr, nullptr, load_row_avx512, rope_row_avx512, kv_quantize_avx512,
-                                add_rows_avx512};
+                                add_rows_avx512, unpack3_scalar, gemv3_avx512, lut3_avx512, nullptr};
 
 }  // namespace tbn
 

@@ -68,7 +68,7 @@ uint8_t stream_max_scalar(const uint8_t* p, int64_t n) {
 const Kernels kScalarKernels = {quantize_row_scalar, gemm_scalar, stream_max_scalar, attention_partial_scalar,
                                 int8_gemm_scalar, relu2_gate_scalar, int4_gemm_scalar,
                                 unpack5_scalar, nullptr, nullptr, load_row_scalar, rope_row_scalar, kv_quantize_scalar,
-                                add_rows_scalar};
+                                add_rows_scalar, unpack3_scalar, nullptr, nullptr, nullptr};
 
 // RowNorm (kernels.h) of one row of k values of dtype dt, as floats in out.
 void load_row_scalar(const void* x, DType dt, int64_t k, const RowNorm* norm, float* out) {

@@ -74,25 +74,36 @@ void check_input(const at::Tensor& x, int64_t in_features, const char* what) {
                     " features in its last dimension, expected in_features=", in_features);
 }
 
+// The packed formats (torch_bitnet/packing.py).
+enum class Packing { Bit2, Trit5, Trit3 };
+
 // A packed weight's format is its rank (torch_bitnet/packing.py): 2-D (N, Kp/4) is the 2-bit
-// format, 3-D (N, Kp5/320, 64) the 5-trit one. Returns whether it is 5-trit.
-bool check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
+// format, 3-D (N, Kp5/320, 64) the 5-trit one, 4-D (ceil(N/32), Kp3/9, 32, 2) the 3-trit one.
+Packing check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
   check_cpu(packed, "packed weight");
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "bitnet: packed weight must be uint8, got ",
                    packed.scalar_type());
   const int64_t row_bytes = pad_k(in_features) / 4, blocks5 = pad_k5(in_features) / kBlockK5;
-  const bool trit5 = packed.dim() == 3;
-  const bool ok = trit5 ? packed.size(0) == out_features && packed.size(1) == blocks5 && packed.size(2) == 64
-                        : packed.dim() == 2 && packed.size(0) == out_features && packed.size(1) == row_bytes;
+  const int64_t tiles3 = (out_features + kTileN3 - 1) / kTileN3, words3 = pad_k3(in_features) / kGroupK3;
+  const Packing f = packed.dim() == 4 ? Packing::Trit3 : packed.dim() == 3 ? Packing::Trit5 : Packing::Bit2;
+  const bool ok = f == Packing::Trit3
+                      ? packed.size(0) == tiles3 && packed.size(1) == words3 && packed.size(2) == kTileN3 &&
+                            packed.size(3) == 2
+                  : f == Packing::Trit5
+                      ? packed.size(0) == out_features && packed.size(1) == blocks5 && packed.size(2) == 64
+                      : packed.dim() == 2 && packed.size(0) == out_features && packed.size(1) == row_bytes;
   TORCH_CHECK_VALUE(ok, "bitnet: packed weight has shape ", packed.sizes(), ", expected [", out_features, ", ",
-                    row_bytes, "] (2-bit) or [", out_features, ", ", blocks5, ", 64] (5-trit) for in_features=",
-                    in_features, ", out_features=", out_features);
-  return trit5;
+                    row_bytes, "] (2-bit), [", out_features, ", ", blocks5, ", 64] (5-trit) or [", tiles3, ", ",
+                    words3, ", 32, 2] (3-trit) for in_features=", in_features, ", out_features=", out_features);
+  return f;
 }
 
 // The activation length the kernels read for a weight of this format (zero beyond K): the
-// 5-trit products may run the 2-bit kernels on unpacked rows, so they need both paddings.
-int64_t pad_k_for(int64_t k, bool trit5) { return trit5 ? std::max(pad_k(k), pad_k5(k)) : pad_k(k); }
+// 5-trit and 3-trit products may run the 2-bit kernels on unpacked rows, so they need the 2-bit
+// padding too; the 3-trit panels run to Kp3 rounded up to 64.
+int64_t pad_k_for(int64_t k, Packing f) {
+  return f == Packing::Trit5 ? std::max(pad_k(k), pad_k5(k)) : f == Packing::Trit3 ? pad_k(pad_k3(k)) : pad_k(k);
+}
 
 std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
@@ -176,6 +187,36 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   });
 }
 
+// Rows [n0, n1) of a problem whose weight is 3-trit (p as for Kernels::unpack3): one token
+// through the ISA's table lookup if it has one (p.lut built), several through its gemm3;
+// otherwise as gemm_trit5, each kUnpackRows rows unpacked to the 2-bit format for the ISA's gemm.
+void gemm_trit3(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2) {
+  if (p.m == 1 && p.lut) {
+    kern.gemv3(p, n0, n1);
+    return;
+  }
+  if (p.m > 1 && kern.gemm3) {
+    kern.gemm3(p, n0, n1);
+    return;
+  }
+  thread_local std::vector<uint8_t> buffer;  // one thread's 2-bit rows, as in gemm_trit5
+  const int64_t ld2 = k_pad2 / 4;
+  if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
+  const int64_t elem = dtype_size(p.ep.out_dtype);
+  for (int64_t n = n0; n < n1; n += kUnpackRows) {
+    const int64_t rows = std::min(kUnpackRows, n1 - n);
+    kern.unpack3(p, n, rows, buffer.data(), k_pad2);
+    GemmProblem q = p;
+    q.w = buffer.data();
+    q.ldw = ld2;
+    q.k_pad = k_pad2;
+    if (q.ep.acc) q.ep.acc += n;
+    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * elem;
+    if (q.ep.bias) q.ep.bias += n;
+    kern.gemm(q, 0, rows);
+  }
+}
+
 // Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
 // token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows
 // are unpacked to the 2-bit format (k_pad2 = K rounded up to 256) and the ISA's gemm runs on
@@ -207,19 +248,35 @@ void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
   }
 }
 
-// A product of the quantized input with one packed weight of N output rows, and the 2-bit
-// padded K if the weight is 5-trit (0 if it is 2-bit).
+// A product of the quantized input with one packed weight of N output rows: its format, and
+// the 2-bit padded K (the 5-trit and 3-trit products' unpacking needs it).
 struct Product {
   GemmProblem p;
   int64_t n = 0;
-  int64_t k_pad2_of_trit5 = 0;
+  Packing format = Packing::Bit2;
+  int64_t k_pad2 = 0;
 };
 
 // Run each product over its output rows, all in one parallel region: the row tiles of every
 // product (same M) form one range split over the threads, so a layer's q/k/v or gate/up
 // products cost one fork/join, and a thread's range may span two weights.
-void gemm_parallel(const std::vector<Product>& ps) {
+void gemm_parallel(std::vector<Product>& ps) {
   const Kernels& kern = kernels();
+  // One token against 3-trit weights: the table of its activations, built once here for every
+  // product (all share the quantized input) and read by every thread (in L2: 2 bytes per
+  // activation per table entry, 55 KB at K = 2560).
+  thread_local AlignedBuffer lut_buffer;
+  if (ps[0].p.m == 1 && kern.gemv3) {
+    int64_t k_pad3 = 0;
+    for (const Product& pr : ps)
+      if (pr.format == Packing::Trit3) k_pad3 = std::max(k_pad3, pr.p.ldw / 64 * kGroupK3);
+    if (k_pad3) {
+      int16_t* lut = static_cast<int16_t*>(lut_buffer.get(size_t(k_pad3 / 3 * kLut3Entries * 2)));
+      kern.lut3(ps[0].p.xq, k_pad3, lut);
+      for (Product& pr : ps)
+        if (pr.format == Packing::Trit3) pr.p.lut = lut;
+    }
+  }
   std::vector<int64_t> first(ps.size() + 1, 0);  // index of each product's first tile
   for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ps[i].n + kRowTile - 1) / kRowTile;
   parallel_rows(first.back() * kRowTile, ps[0].p.m * ps[0].p.k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
@@ -228,8 +285,10 @@ void gemm_parallel(const std::vector<Product>& ps) {
       const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
       if (a >= b) continue;
       const int64_t n0 = (a - first[i]) * kRowTile, n1 = std::min(ps[i].n, (b - first[i]) * kRowTile);
-      if (ps[i].k_pad2_of_trit5)
-        gemm_trit5(kern, ps[i].p, n0, n1, ps[i].k_pad2_of_trit5);
+      if (ps[i].format == Packing::Trit5)
+        gemm_trit5(kern, ps[i].p, n0, n1, ps[i].k_pad2);
+      else if (ps[i].format == Packing::Trit3)
+        gemm_trit3(kern, ps[i].p, n0, n1, ps[i].k_pad2);
       else
         kern.gemm(ps[i].p, n0, n1);
     }
@@ -237,19 +296,27 @@ void gemm_parallel(const std::vector<Product>& ps) {
 }
 
 // The product of quantized activations (M, ldq) with a packed weight, results in ep.
-Product product(const int8_t* xq, int64_t ldq, const int32_t* xsum, int64_t m, const at::Tensor& w, bool trit5,
-                int64_t in_features, int64_t n, const Epilogue& ep) {
+Product product(const int8_t* xq, int64_t ldq, const int32_t* xsum, int64_t m, const at::Tensor& w,
+                Packing format, int64_t in_features, int64_t n, const Epilogue& ep) {
   Product pr;
   pr.n = n;
+  pr.format = format;
   pr.p.xq = xq;
   pr.p.ldq = ldq;
   pr.p.xsum = xsum;
   pr.p.w = w.data_ptr<uint8_t>();
   pr.p.m = m;
-  pr.p.k_pad = trit5 ? pad_k5(in_features) : pad_k(in_features);
-  pr.p.ldw = trit5 ? pr.p.k_pad / 5 : pr.p.k_pad / 4;
+  if (format == Packing::Trit3) {
+    // kernels.h: ldw is a tile's bytes, k_pad Kp3 rounded up to 64 (the activations run to
+    // pad_k_for, a multiple of 256 past Kp3)
+    pr.p.k_pad = (pad_k3(in_features) + 63) / 64 * 64;
+    pr.p.ldw = pad_k3(in_features) / kGroupK3 * 64;
+  } else {
+    pr.p.k_pad = format == Packing::Trit5 ? pad_k5(in_features) : pad_k(in_features);
+    pr.p.ldw = format == Packing::Trit5 ? pr.p.k_pad / 5 : pr.p.k_pad / 4;
+  }
   pr.p.ep = ep;
-  pr.k_pad2_of_trit5 = trit5 ? pad_k(in_features) : 0;
+  pr.k_pad2 = pad_k(in_features);
   return pr;
 }
 
@@ -283,11 +350,11 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   check_sizes(in_features, out_features);
   check_input(xq, in_features, "ternary_mm input");
   TORCH_CHECK_TYPE(xq.scalar_type() == at::kChar, "bitnet: ternary_mm input must be int8, got ", xq.scalar_type());
-  const bool trit5 = check_packed(packed, in_features, out_features);
+  const Packing format = check_packed(packed, in_features, out_features);
   auto out = at::empty(with_last(xq.sizes(), out_features), xq.options().dtype(at::kInt));
   const int64_t m = xq.numel() / in_features;
   if (m == 0) return out;
-  const int64_t k_pad = pad_k_for(in_features, trit5);
+  const int64_t k_pad = pad_k_for(in_features, format);
   // The kernels read Kp activations per row, zero beyond K.
   auto x2d = xq.reshape({m, in_features});
   if (k_pad != in_features) x2d = at::constant_pad_nd(x2d, {0, k_pad - in_features}, 0);
@@ -297,8 +364,9 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   Epilogue ep;
   ep.acc = out.data_ptr<int32_t>();
   ep.ld = out_features;
-  gemm_parallel({product(x2d.data_ptr<int8_t>(), k_pad, xsum.data_ptr<int32_t>(), m, w, trit5, in_features,
-                         out_features, ep)});
+  std::vector<Product> ps = {
+      product(x2d.data_ptr<int8_t>(), k_pad, xsum.data_ptr<int32_t>(), m, w, format, in_features, out_features, ep)};
+  gemm_parallel(ps);
   return out;
 }
 
@@ -388,7 +456,8 @@ void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList
     ep.row_factor = factors.data() + i * q.m;
     ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
     ep.ld = out_features[i];
-    ps[i] = product(q.xq, q.k_pad, q.xsum, q.m, weights[i], weights[i].dim() == 3, in_features, out_features[i], ep);
+    const Packing format = weights[i].dim() == 4 ? Packing::Trit3 : weights[i].dim() == 3 ? Packing::Trit5 : Packing::Bit2;
+    ps[i] = product(q.xq, q.k_pad, q.xsum, q.m, weights[i], format, in_features, out_features[i], ep);
   }
   gemm_parallel(ps);
 }
@@ -399,13 +468,13 @@ at::Tensor bitlinear_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   check_sizes(in_features, out_features);
   dtype_of(x, "bitlinear input");
   check_input(x, in_features, "bitlinear input");
-  const bool trit5 = check_packed(packed, in_features, out_features);
+  const Packing format = check_packed(packed, in_features, out_features);
   check_scale(scale, "weight scale");
   const at::Tensor bias_f = float_bias(bias, out_features);
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, format), norm_w, norm_eps);
   ternary_into(q, packed, scale, bias_f, {out.data_ptr()}, dtype_of(out, "output"), in_features, out_features);
   return out;
 }
@@ -420,17 +489,17 @@ std::vector<at::Tensor> bitlinear_shared_cpu(const at::Tensor& x, at::TensorList
                     n, ", ", scales.size(), " and ", out_features.size());
   dtype_of(x, "bitlinear_shared input");
   check_input(x, in_features, "bitlinear_shared input");
-  bool trit5 = false;
+  int64_t k_pad = 0;
   for (int64_t i = 0; i < n; ++i) {
     check_sizes(in_features, out_features[i]);
-    trit5 = check_packed(packed[i], in_features, out_features[i]) || trit5;
+    k_pad = std::max(k_pad, pad_k_for(in_features, check_packed(packed[i], in_features, out_features[i])));
     check_scale(scales[i], "weight scale");
   }
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   std::vector<at::Tensor> outs;
   for (int64_t i = 0; i < n; ++i) outs.push_back(at::empty(with_last(x.sizes(), out_features[i]), x.options()));
   if (x.numel() == 0) return outs;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, k_pad, norm_w, norm_eps);
   std::vector<void*> ptrs;
   for (const at::Tensor& o : outs) ptrs.push_back(o.data_ptr());
   ternary_into(q, packed, scales, at::Tensor(), ptrs, dtype_of(x, "output"), in_features, out_features);
@@ -459,14 +528,14 @@ at::Tensor bitlinear_relu2_glu_cpu(const at::Tensor& x, const at::Tensor& gate, 
   check_sizes(in_features, out_features);
   const DType dt = dtype_of(x, "bitlinear_relu2_glu input");
   check_input(x, in_features, "bitlinear_relu2_glu input");
-  const bool gate5 = check_packed(gate, in_features, out_features);
-  const bool trit5 = check_packed(up, in_features, out_features) || gate5;
+  const int64_t k_pad = std::max(pad_k_for(in_features, check_packed(gate, in_features, out_features)),
+                                 pad_k_for(in_features, check_packed(up, in_features, out_features)));
   check_scale(gate_scale, "gate weight scale");
   check_scale(up_scale, "up weight scale");
   const at::Tensor norm_w = norm_weight_of(norm_weight, x, in_features);
   auto out = at::empty(with_last(x.sizes(), out_features), x.options());
   if (out.numel() == 0) return out;
-  const QuantizedInput q = quantize_input(x, in_features, pad_k_for(in_features, trit5), norm_w, norm_eps);
+  const QuantizedInput q = quantize_input(x, in_features, k_pad, norm_w, norm_eps);
   const at::Tensor up_out = at::empty_like(out);
   relu2_glu_into(q, gate, gate_scale, up, up_scale, in_features, out_features, dt, out.data_ptr(), up_out.data_ptr());
   return out;
@@ -974,10 +1043,10 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
   // (in, out) of q, k, v, o, gate, up, down, and which input each quantization reads
   const int64_t ins[7] = {hidden, hidden, hidden, hd, hidden, hidden, inter};
   const int64_t outs[7] = {hd, kvd, kvd, hidden, inter, inter, hidden};
-  bool trit5[7];
+  int64_t k_pads[7];  // the activation length each weight's format needs
   for (int i = 0; i < 7; ++i) {
     check_sizes(ins[i], outs[i]);
-    trit5[i] = check_packed(packed[i], ins[i], outs[i]);
+    k_pads[i] = pad_k_for(ins[i], check_packed(packed[i], ins[i], outs[i]));
     check_scale(scales[i], "weight scale");
   }
   at::Tensor norm_w[4];
@@ -991,8 +1060,8 @@ at::Tensor decoder_layer_cpu(const at::Tensor& x, at::TensorList packed, at::Ten
   const auto xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   const int64_t elem = dtype_size(dt);
   // K padded for each quantized input: q/k/v share one, gate/up another.
-  const int64_t kp_qkv = pad_k_for(hidden, trit5[0] || trit5[1] || trit5[2]), kp_o = pad_k_for(hd, trit5[3]);
-  const int64_t kp_gu = pad_k_for(hidden, trit5[4] || trit5[5]), kp_down = pad_k_for(inter, trit5[6]);
+  const int64_t kp_qkv = std::max({k_pads[0], k_pads[1], k_pads[2]}), kp_o = k_pads[3];
+  const int64_t kp_gu = std::max(k_pads[4], k_pads[5]), kp_down = k_pads[6];
   // The intermediates, in one buffer (a dozen tensors cost ~1 us of allocator and dispatcher
   // each, 30 layers per decode token, on the thread the others wait for):
   // the quantized input (reused by all four quantizations), h = x + attention (kept to the

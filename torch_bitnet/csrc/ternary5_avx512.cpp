@@ -153,6 +153,7 @@ TB_VBMI void unpack5_panel_vbmi(const GemmProblem& p, int64_t n, int64_t rows, u
 Kernels with_vbmi(Kernels k) {
   k.unpack5 = unpack5_vbmi;
   k.gemv5 = gemv5_vbmi;
+  k.gemm3 = gemm3_panels_avx512;
   return k;
 }
 

@@ -1,0 +1,225 @@
+// AVX-512 kernels of the 3-trit weight format (kernels.h, torch_bitnet/packing.py): the decode
+// GEMV by table lookup (AVX-512 BW) and the unpacking into the prefill panel (AVX-512 VBMI).
+// Per-function target attributes, so the library still loads on any x86-64; cpu_features.cpp
+// selects these tables only on CPUs with the instructions.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <algorithm>
+
+#include "avx512_common.h"
+#include "kernels.h"
+
+#define TB_VBMI3 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+
+namespace tbn {
+namespace {
+
+// The three int16 vectors of lut3: lane i of kDigits[d] = digit d of i - 1 (i < 27), 0 beyond.
+struct Lut3Digits {
+  int16_t d[3][kLut3Entries];
+};
+
+constexpr Lut3Digits make_lut3_digits() {
+  Lut3Digits t{};
+  for (int i = 0; i < 27; ++i) {
+    t.d[0][i] = int16_t(i % 3 - 1);
+    t.d[1][i] = int16_t(i / 3 % 3 - 1);
+    t.d[2][i] = int16_t(i / 9 - 1);
+  }
+  return t;
+}
+
+constexpr Lut3Digits kLut3Digits = make_lut3_digits();
+
+// Words between the int16 sums' widenings: a word adds three table entries of |e| <= 3 * 128
+// per row, so 28 words keep |sum| <= 32256 < 2^15.
+constexpr int64_t kWidenWords = 28;
+// Tiles (of 32 rows) one gemv3 call streams side by side, sharing each table vector they load.
+constexpr int kTiles3 = 4;
+// Bytes ahead of each tile's stream prefetched into L1 (one 2 KiB stride per stream kept the
+// standalone harness at the plain read's rate; BENCHMARKS.md).
+constexpr int64_t kPrefetch3 = 2048;
+
+// Sums of w * x of NT tiles from tile t0, all of K: sums[t][r] for row r of tile t0 + t.
+template <int NT>
+TB_AVX512 void gemv3_tiles(const GemmProblem& p, int64_t t0, int32_t (*sums)[kTileN3]) {
+  const int64_t words = p.ldw / 64;
+  const uint8_t* w = p.w + t0 * p.ldw;
+  __m512i part[NT], lo[NT], hi[NT];  // int16 partial sums; int32 sums of rows 0-15 and 16-31
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) part[t] = lo[t] = hi[t] = _mm512_setzero_si512();
+  for (int64_t j0 = 0; j0 < words; j0 += kWidenWords) {
+    const int64_t j1 = std::min(words, j0 + kWidenWords);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int16_t* l = p.lut + 3 * kLut3Entries * j;
+      const __m512i l0 = _mm512_loadu_si512(l), l1 = _mm512_loadu_si512(l + kLut3Entries);
+      const __m512i l2 = _mm512_loadu_si512(l + 2 * kLut3Entries);
+      #pragma GCC unroll 8
+      for (int t = 0; t < NT; ++t) {
+        const uint8_t* v = w + t * p.ldw + 64 * j;
+        _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetch3, _MM_HINT_T0);
+        const __m512i x = _mm512_loadu_si512(v);
+        // VPERMW reads the low 5 bits of each word: index 0 as is, 1 and 2 shifted down
+        part[t] = _mm512_add_epi16(part[t], _mm512_permutexvar_epi16(x, l0));
+        part[t] = _mm512_add_epi16(part[t], _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 5), l1));
+        part[t] = _mm512_add_epi16(part[t], _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 10), l2));
+      }
+    }
+    #pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      lo[t] = _mm512_add_epi32(lo[t], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(part[t])));
+      hi[t] = _mm512_add_epi32(hi[t], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(part[t], 1)));
+      part[t] = _mm512_setzero_si512();
+    }
+  }
+  #pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) {
+    _mm512_storeu_si512(sums[t], lo[t]);
+    _mm512_storeu_si512(sums[t] + 16, hi[t]);
+  }
+}
+
+using Gemv3Fn = void (*)(const GemmProblem&, int64_t, int32_t (*)[kTileN3]);
+constexpr Gemv3Fn kGemv3[kTiles3] = {gemv3_tiles<1>, gemv3_tiles<2>, gemv3_tiles<3>, gemv3_tiles<4>};
+
+}  // namespace
+
+TB_AVX512 void lut3_avx512(const int8_t* xq, int64_t k_pad3, int16_t* lut) {
+  const __m512i d0 = _mm512_loadu_si512(kLut3Digits.d[0]), d1 = _mm512_loadu_si512(kLut3Digits.d[1]);
+  const __m512i d2 = _mm512_loadu_si512(kLut3Digits.d[2]);
+  for (int64_t g = 0; g < k_pad3 / 3; ++g) {
+    const int8_t* x = xq + 3 * g;
+    __m512i e = _mm512_mullo_epi16(_mm512_set1_epi16(x[0]), d0);
+    e = _mm512_add_epi16(e, _mm512_mullo_epi16(_mm512_set1_epi16(x[1]), d1));
+    e = _mm512_add_epi16(e, _mm512_mullo_epi16(_mm512_set1_epi16(x[2]), d2));
+    _mm512_storeu_si512(lut + kLut3Entries * g, e);
+  }
+}
+
+// Whole tiles, kTiles3 at a time; a tile's rows outside [n0, n1) (a chunk may start or end mid
+// tile) are computed and not stored. The sums are of w * x; the epilogue wants u * x = w * x + x.
+TB_AVX512 void gemv3_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
+  alignas(64) int32_t sums[kTiles3][kTileN3];
+  const __m512i xsum = _mm512_set1_epi32(p.xsum[0]);
+  const int64_t t_end = (n1 + kTileN3 - 1) / kTileN3;
+  for (int64_t t0 = n0 / kTileN3; t0 < t_end; t0 += kTiles3) {
+    const int nt = int(std::min<int64_t>(kTiles3, t_end - t0));
+    kGemv3[nt - 1](p, t0, sums);
+    for (int t = 0; t < nt; ++t)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row0 = (t0 + t) * kTileN3 + 16 * h;
+        const int64_t a = std::max(row0, n0), b = std::min(row0 + 16, n1);
+        if (a >= b) continue;
+        int32_t* s = sums[t] + 16 * h;
+        _mm512_store_si512(s, _mm512_add_epi32(_mm512_load_si512(s), xsum));
+        const uint16_t keep = uint16_t(((1u << (b - row0)) - 1u) & ~((1u << (a - row0)) - 1u));
+        store_rows_avx512(p, 0, 1, row0, s, 16, keep);
+      }
+  }
+}
+
+namespace {
+
+// Rows of one step of unpack3_panel: 64 words (576 k), whose codes (32 bytes per k: one byte per
+// row of the tile) stay in L1 between decoding and transposing.
+constexpr int64_t kPanelWords3 = 64;
+
+// The two tables of the decoding: kPairs[i] = codes 0 and 1 of index i (low, high byte),
+// kThird[i] = code 2 (trit3_code: indices 27-31 are three zero weights).
+struct Trit3Pairs {
+  int16_t pairs[32];
+  int16_t third[32];
+};
+
+constexpr Trit3Pairs make_trit3_pairs() {
+  Trit3Pairs t{};
+  for (unsigned i = 0; i < 32; ++i) {
+    t.pairs[i] = int16_t(trit3_code(i, 0) | trit3_code(i, 1) << 8);
+    t.third[i] = int16_t(trit3_code(i, 2));
+  }
+  return t;
+}
+
+constexpr Trit3Pairs kTrit3Pairs = make_trit3_pairs();
+
+// VPERMB index splitting 32 words into their low bytes (bytes 0-31) and high bytes (32-63).
+struct ByteSplit {
+  uint8_t idx[64];
+};
+
+constexpr ByteSplit make_byte_split() {
+  ByteSplit s{};
+  for (int b = 0; b < 32; ++b) {
+    s.idx[b] = uint8_t(2 * b);
+    s.idx[32 + b] = uint8_t(2 * b + 1);
+  }
+  return s;
+}
+
+constexpr ByteSplit kByteSplit = make_byte_split();
+
+// VPERMT2B indices gathering, from 4 k x 32 rows of codes (k-major, 32 bytes per k), one panel
+// vector of rows 16 h .. 16 h + 15: lane l's 4 bytes are the codes of row 16 h + l at the 4 k.
+struct PanelGather {
+  uint8_t idx[2][64];
+};
+
+constexpr PanelGather make_panel_gather() {
+  PanelGather g{};
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 16; ++l)
+      for (int d = 0; d < 4; ++d) g.idx[h][4 * l + d] = uint8_t(32 * d + 16 * h + l);
+  return g;
+}
+
+constexpr PanelGather kPanelGather = make_panel_gather();
+
+}  // namespace
+
+// Each 32-row tile of the panel's rows, kPanelWords3 words at a time: the words' codes decoded
+// k-major (two VPERMW per index, VPERMB splitting the byte pairs), then each 4 k regathered per
+// 16-row vector (one VPERMT2B).
+TB_VBMI3 void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
+  const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3;
+  const __m512i pairs = _mm512_loadu_si512(kTrit3Pairs.pairs), third = _mm512_loadu_si512(kTrit3Pairs.third);
+  const __m512i split = _mm512_loadu_si512(kByteSplit.idx);
+  const __m512i gather[2] = {_mm512_loadu_si512(kPanelGather.idx[0]), _mm512_loadu_si512(kPanelGather.idx[1])};
+  alignas(64) uint8_t codes[kPanelWords3 * kGroupK3 * kTileN3 + 64];
+  for (int64_t t = n / kTileN3; t * kTileN3 < n + rows; ++t) {
+    const uint8_t* tile = p.w + t * p.ldw;
+    for (int64_t k0 = 0; k0 < p.k_pad; k0 += kPanelWords3 * kGroupK3) {
+      const int64_t k1 = std::min(p.k_pad, k0 + kPanelWords3 * kGroupK3);
+      const int64_t j1 = std::min(words, (k1 + kGroupK3 - 1) / kGroupK3);
+      uint8_t* c = codes;
+      for (int64_t j = k0 / kGroupK3; j < j1; ++j) {
+        const __m512i x = _mm512_loadu_si512(tile + 64 * j);
+        #pragma GCC unroll 3
+        for (int m = 0; m < 3; ++m) {
+          const __m512i idx = m ? _mm512_srli_epi16(x, 5 * m) : x;
+          _mm512_storeu_si512(c, _mm512_permutexvar_epi8(split, _mm512_permutexvar_epi16(idx, pairs)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + 64),
+                              _mm512_castsi512_si256(_mm512_permutexvar_epi8(split, _mm512_permutexvar_epi16(idx, third))));
+          c += 3 * kTileN3;
+        }
+      }
+      if (k1 > k_pad3) {  // past Kp3: zero weights
+        const int64_t from = std::max(k0, k_pad3);
+        std::fill(codes + (from - k0) * kTileN3, codes + (k1 - k0) * kTileN3, uint8_t(1));
+      }
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row0 = t * kTileN3 + 16 * h;
+        if (row0 < n || row0 >= n + rows) continue;
+        uint8_t* dst = panel + (k0 / 4 * kPanelVecs + (row0 - n) / 16) * 64;
+        for (int64_t q = 0; q < (k1 - k0) / 4; ++q) {
+          const uint8_t* s = codes + 4 * q * kTileN3;
+          _mm512_store_si512(dst + q * kPanelVecs * 64,
+                             _mm512_permutex2var_epi8(_mm512_load_si512(s), gather[h], _mm512_load_si512(s + 64)));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace tbn
+
+#endif  // x86-64

@@ -188,11 +188,25 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
 }
 
 // Rows [n0, n1) of a problem whose weight is 3-trit (p as for Kernels::unpack3): one token
-// through the ISA's table lookup if it has one (p.lut built), several through its gemm3;
-// otherwise as gemm_trit5, each kUnpackRows rows unpacked to the 2-bit format for the ISA's gemm.
-void gemm_trit3(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2) {
-  if (p.m == 1 && p.lut) {
-    kern.gemv3(p, n0, n1);
+// through the ISA's table lookup if it has one, several through its gemm3; otherwise as
+// gemm_trit5, each kUnpackRows rows unpacked to the 2-bit format for the ISA's gemm. `call`
+// identifies the gemm_parallel call, whose products all share one quantized input.
+void gemm_trit3(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2, uint64_t call) {
+  if (p.m == 1 && kern.gemv3) {
+    // Each thread builds the table of the call's input once, itself (~1 us at K = 2560): no
+    // serial step before the parallel region, and no thread reads the 55 KB another core wrote.
+    thread_local AlignedBuffer lut_buffer;
+    thread_local uint64_t lut_call = 0;
+    thread_local int16_t* lut = nullptr;
+    if (lut_call != call) {
+      const int64_t k_pad3 = p.ldw / 64 * kGroupK3;
+      lut = static_cast<int16_t*>(lut_buffer.get(size_t(k_pad3 / 3 * kLut3Entries * 2)));
+      kern.lut3(p.xq, k_pad3, lut);
+      lut_call = call;
+    }
+    GemmProblem q = p;
+    q.lut = lut;
+    kern.gemv3(q, n0, n1);
     return;
   }
   if (p.m > 1 && kern.gemm3) {
@@ -260,23 +274,10 @@ struct Product {
 // Run each product over its output rows, all in one parallel region: the row tiles of every
 // product (same M) form one range split over the threads, so a layer's q/k/v or gate/up
 // products cost one fork/join, and a thread's range may span two weights.
-void gemm_parallel(std::vector<Product>& ps) {
+void gemm_parallel(const std::vector<Product>& ps) {
   const Kernels& kern = kernels();
-  // One token against 3-trit weights: the table of its activations, built once here for every
-  // product (all share the quantized input) and read by every thread (in L2: 2 bytes per
-  // activation per table entry, 55 KB at K = 2560).
-  thread_local AlignedBuffer lut_buffer;
-  if (ps[0].p.m == 1 && kern.gemv3) {
-    int64_t k_pad3 = 0;
-    for (const Product& pr : ps)
-      if (pr.format == Packing::Trit3) k_pad3 = std::max(k_pad3, pr.p.ldw / 64 * kGroupK3);
-    if (k_pad3) {
-      int16_t* lut = static_cast<int16_t*>(lut_buffer.get(size_t(k_pad3 / 3 * kLut3Entries * 2)));
-      kern.lut3(ps[0].p.xq, k_pad3, lut);
-      for (Product& pr : ps)
-        if (pr.format == Packing::Trit3) pr.p.lut = lut;
-    }
-  }
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;  // never 0
   std::vector<int64_t> first(ps.size() + 1, 0);  // index of each product's first tile
   for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ps[i].n + kRowTile - 1) / kRowTile;
   parallel_rows(first.back() * kRowTile, ps[0].p.m * ps[0].p.k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
@@ -288,7 +289,7 @@ void gemm_parallel(std::vector<Product>& ps) {
       if (ps[i].format == Packing::Trit5)
         gemm_trit5(kern, ps[i].p, n0, n1, ps[i].k_pad2);
       else if (ps[i].format == Packing::Trit3)
-        gemm_trit3(kern, ps[i].p, n0, n1, ps[i].k_pad2);
+        gemm_trit3(kern, ps[i].p, n0, n1, ps[i].k_pad2, call);
       else
         kern.gemm(ps[i].p, n0, n1);
     }
@@ -364,9 +365,8 @@ at::Tensor ternary_mm_cpu(const at::Tensor& xq, const at::Tensor& packed, int64_
   Epilogue ep;
   ep.acc = out.data_ptr<int32_t>();
   ep.ld = out_features;
-  std::vector<Product> ps = {
-      product(x2d.data_ptr<int8_t>(), k_pad, xsum.data_ptr<int32_t>(), m, w, format, in_features, out_features, ep)};
-  gemm_parallel(ps);
+  gemm_parallel(
+      {product(x2d.data_ptr<int8_t>(), k_pad, xsum.data_ptr<int32_t>(), m, w, format, in_features, out_features, ep)});
   return out;
 }
 

@@ -5,6 +5,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <algorithm>
+#include <cstring>
 
 #include "avx512_common.h"
 #include "kernels.h"
@@ -14,18 +15,22 @@
 namespace tbn {
 namespace {
 
-// The three int16 vectors of lut3: lane i of kDigits[d] = digit d of i - 1 (i < 27), 0 beyond.
+// lut3's entries as sums of digit * activation (digits 0..2, the codes u; one VPDPBUSD per 16
+// entries): byte d of dword lane l of kLut3Digits.d[h] is digit d of the entry that VPACKSSDW
+// puts at lane l of the result (it interleaves its two sources by 4 dwords per 128-bit lane:
+// entry 8 (l / 4) + l % 4 from source 0, that + 4 from source 1). Entries 27-31 have digits
+// 1, 1, 1: their sum minus the activations' sum is 0.
 struct Lut3Digits {
-  int16_t d[3][kLut3Entries];
+  uint32_t d[2][16];
 };
 
 constexpr Lut3Digits make_lut3_digits() {
   Lut3Digits t{};
-  for (int i = 0; i < 27; ++i) {
-    t.d[0][i] = int16_t(i % 3 - 1);
-    t.d[1][i] = int16_t(i / 3 % 3 - 1);
-    t.d[2][i] = int16_t(i / 9 - 1);
-  }
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 16; ++l) {
+      const unsigned i = unsigned(8 * (l / 4) + l % 4 + 4 * h);
+      t.d[h][l] = uint32_t(trit3_code(i, 0)) | uint32_t(trit3_code(i, 1)) << 8 | uint32_t(trit3_code(i, 2)) << 16;
+    }
   return t;
 }
 
@@ -84,15 +89,23 @@ constexpr Gemv3Fn kGemv3[kTiles3] = {gemv3_tiles<1>, gemv3_tiles<2>, gemv3_tiles
 
 }  // namespace
 
+// Per group: its 3 activations (and a 4th, multiplied by digit 0) broadcast as a dword, the
+// sums of u * x of 2 x 16 entries minus the activations' sum, packed to int16 (|e| <= 384).
 TB_AVX512 void lut3_avx512(const int8_t* xq, int64_t k_pad3, int16_t* lut) {
-  const __m512i d0 = _mm512_loadu_si512(kLut3Digits.d[0]), d1 = _mm512_loadu_si512(kLut3Digits.d[1]);
-  const __m512i d2 = _mm512_loadu_si512(kLut3Digits.d[2]);
-  for (int64_t g = 0; g < k_pad3 / 3; ++g) {
-    const int8_t* x = xq + 3 * g;
-    __m512i e = _mm512_mullo_epi16(_mm512_set1_epi16(x[0]), d0);
-    e = _mm512_add_epi16(e, _mm512_mullo_epi16(_mm512_set1_epi16(x[1]), d1));
-    e = _mm512_add_epi16(e, _mm512_mullo_epi16(_mm512_set1_epi16(x[2]), d2));
-    _mm512_storeu_si512(lut + kLut3Entries * g, e);
+  const __m512i digits0 = _mm512_loadu_si512(kLut3Digits.d[0]), digits1 = _mm512_loadu_si512(kLut3Digits.d[1]);
+  const __m512i ones = _mm512_set1_epi32(0x010101);
+  const int64_t groups = k_pad3 / 3;
+  for (int64_t g = 0; g < groups; ++g) {
+    // the 4-byte load of the last group would read past the activations: a masked one
+    int32_t x4;
+    if (g + 1 < groups)
+      std::memcpy(&x4, xq + 3 * g, 4);
+    else
+      x4 = _mm_cvtsi128_si32(_mm_maskz_loadu_epi8(0x7, xq + 3 * g));
+    const __m512i x = _mm512_set1_epi32(x4);
+    const __m512i neg_sum = _mm512_sub_epi32(_mm512_setzero_si512(), dpbusd(_mm512_setzero_si512(), ones, x));
+    const __m512i e0 = dpbusd(neg_sum, digits0, x), e1 = dpbusd(neg_sum, digits1, x);
+    _mm512_storeu_si512(lut + kLut3Entries * g, _mm512_packs_epi32(e0, e1));
   }
 }
 

@@ -133,9 +133,12 @@ TB_AVX512 void gemv3_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
 
 namespace {
 
-// Rows of one step of unpack3_panel: 64 words (576 k), whose codes (32 bytes per k: one byte per
-// row of the tile) stay in L1 between decoding and transposing.
-constexpr int64_t kPanelWords3 = 64;
+// Words of one step of unpack3_panel: 32 (288 k), whose codes (32 bytes per k: one byte per row
+// of a tile; 9 KiB per tile) stay in L1 between decoding and regathering.
+constexpr int64_t kPanelWords3 = 32;
+// Bytes of the tile's words prefetched ahead of the decoding: the weights come from DRAM, and
+// without it a third of the unpacking's time stalled on their loads.
+constexpr int64_t kUnpackPrefetch3 = 1024;
 
 // The two tables of the decoding: kPairs[i] = codes 0 and 1 of index i (low, high byte),
 // kThird[i] = code 2 (trit3_code: indices 27-31 are three zero weights).
@@ -189,22 +192,28 @@ constexpr PanelGather kPanelGather = make_panel_gather();
 
 }  // namespace
 
-// Each 32-row tile of the panel's rows, kPanelWords3 words at a time: the words' codes decoded
+// kPanelWords3 words (of every tile the panel's rows touch) at a time: the words' codes decoded
 // k-major (two VPERMW per index, VPERMB splitting the byte pairs), then each 4 k regathered per
-// 16-row vector (one VPERMT2B).
+// 16-row panel vector (one VPERMT2B), the panel written in order.
 TB_VBMI3 void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
   const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3;
   const __m512i pairs = _mm512_loadu_si512(kTrit3Pairs.pairs), third = _mm512_loadu_si512(kTrit3Pairs.third);
   const __m512i split = _mm512_loadu_si512(kByteSplit.idx);
   const __m512i gather[2] = {_mm512_loadu_si512(kPanelGather.idx[0]), _mm512_loadu_si512(kPanelGather.idx[1])};
-  alignas(64) uint8_t codes[kPanelWords3 * kGroupK3 * kTileN3 + 64];
-  for (int64_t t = n / kTileN3; t * kTileN3 < n + rows; ++t) {
-    const uint8_t* tile = p.w + t * p.ldw;
-    for (int64_t k0 = 0; k0 < p.k_pad; k0 += kPanelWords3 * kGroupK3) {
-      const int64_t k1 = std::min(p.k_pad, k0 + kPanelWords3 * kGroupK3);
-      const int64_t j1 = std::min(words, (k1 + kGroupK3 - 1) / kGroupK3);
-      uint8_t* c = codes;
+  constexpr int64_t kChunkK = kPanelWords3 * kGroupK3, kTileCodes = kChunkK * kTileN3;
+  // codes of up to 3 tiles (a panel of 64 rows from a row 16 mod 32 touches 3), + the last
+  // word's spill past the chunk
+  alignas(64) uint8_t codes[3 * kTileCodes + 64];
+  const int64_t t_first = n / kTileN3, tiles = (n + rows - 1) / kTileN3 - t_first + 1;
+  const int64_t nv = (rows + 15) / 16;
+  for (int64_t k0 = 0; k0 < p.k_pad; k0 += kChunkK) {
+    const int64_t k1 = std::min(p.k_pad, k0 + kChunkK);
+    const int64_t j1 = std::min(words, (k1 + kGroupK3 - 1) / kGroupK3);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* tile = p.w + (t_first + t) * p.ldw;
+      uint8_t* c = codes + t * kTileCodes;
       for (int64_t j = k0 / kGroupK3; j < j1; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(tile + 64 * j) + kUnpackPrefetch3, _MM_HINT_T0);
         const __m512i x = _mm512_loadu_si512(tile + 64 * j);
         #pragma GCC unroll 3
         for (int m = 0; m < 3; ++m) {
@@ -217,19 +226,19 @@ TB_VBMI3 void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows
       }
       if (k1 > k_pad3) {  // past Kp3: zero weights
         const int64_t from = std::max(k0, k_pad3);
-        std::fill(codes + (from - k0) * kTileN3, codes + (k1 - k0) * kTileN3, uint8_t(1));
-      }
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row0 = t * kTileN3 + 16 * h;
-        if (row0 < n || row0 >= n + rows) continue;
-        uint8_t* dst = panel + (k0 / 4 * kPanelVecs + (row0 - n) / 16) * 64;
-        for (int64_t q = 0; q < (k1 - k0) / 4; ++q) {
-          const uint8_t* s = codes + 4 * q * kTileN3;
-          _mm512_store_si512(dst + q * kPanelVecs * 64,
-                             _mm512_permutex2var_epi8(_mm512_load_si512(s), gather[h], _mm512_load_si512(s + 64)));
-        }
+        std::fill(codes + t * kTileCodes + (from - k0) * kTileN3, codes + t * kTileCodes + (k1 - k0) * kTileN3,
+                  uint8_t(1));
       }
     }
+    uint8_t* dst = panel + k0 / 4 * kPanelVecs * 64;
+    for (int64_t q = 0; q < (k1 - k0) / 4; ++q)
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t row0 = n + 16 * v;
+        const uint8_t* src = codes + (row0 / kTileN3 - t_first) * kTileCodes + 4 * q * kTileN3;
+        _mm512_store_si512(dst + (q * kPanelVecs + v) * 64,
+                           _mm512_permutex2var_epi8(_mm512_load_si512(src), gather[row0 / 16 % 2],
+                                                    _mm512_load_si512(src + 64)));
+      }
   }
 }
 

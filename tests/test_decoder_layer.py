@@ -110,7 +110,7 @@ SHAPES = st.sampled_from([
     batch=st.integers(1, 2),
     q=st.sampled_from([1, 1, 2, 5]),
     dtype=st.sampled_from(FLOAT_DTYPES),
-    fmt=st.sampled_from(["2bit", "5trit"]),
+    fmt=st.sampled_from(["2bit", "5trit", "3trit"]),
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -125,7 +125,7 @@ def test_equals_the_separate_ops(isa5, shape, batch, q, dtype, fmt, masked, seed
         assert torch.equal(a, e)
 
 
-@pytest.mark.parametrize("fmt", ["2bit", "5trit"])
+@pytest.mark.parametrize("fmt", ["2bit", "5trit", "3trit"])
 @pytest.mark.parametrize("q", [1, 4])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_matches_reference(isa, dtype, q, fmt):

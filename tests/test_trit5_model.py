@@ -94,13 +94,14 @@ def test_set_ternary_format_round_trips_and_recompiles(checkpoints):
 
 
 def test_auto_format_follows_the_kernel_path(checkpoints):
-    """"auto" is 5trit exactly on the path with the 5-trit decode kernel (avx512vbmi), 2bit on the
-    others; from_pretrained and set_ternary_format pack to it; named formats pass through."""
+    """"auto" is 3trit exactly on the paths with the 3-trit decode and prefill kernels (avx512vbmi,
+    amx), 2bit on the others; from_pretrained and set_ternary_format pack to it; named formats pass
+    through."""
     assert torch_bitnet.resolve_ternary_format("2bit") == "2bit"
     assert torch_bitnet.resolve_ternary_format("5trit") == "5trit"
     for isa in torch_bitnet.available_isas():
         with torch_bitnet.use_isa(isa):
-            expected = "5trit" if isa in ("avx512vbmi", "amx") else "2bit"
+            expected = "3trit" if isa in ("avx512vbmi", "amx") else "2bit"
             assert torch_bitnet.resolve_ternary_format() == torch_bitnet.resolve_ternary_format("auto") == expected
             model = torch_bitnet.from_pretrained(checkpoints["offline"], dtype=torch.float32, ternary_format="auto")
             assert _formats(model) == {expected}

@@ -419,9 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", choices=("int8", "int4", "bf16"), default="int8",
                         help="embedding / lm_head table: int8 per row (default), int4 in groups of 32, or bf16 as "
                         "stored (exact)")
-    parser.add_argument("--ternary-format", choices=("auto", "2bit", "5trit"),
-                        help="how BitLinear weights are packed: 2bit, 5trit (1.6 bits per weight; fast decode "
-                        "needs AVX-512 VBMI) or auto, the faster here (5trit on the avx512vbmi and amx paths, else 2bit) "
+    parser.add_argument("--ternary-format", choices=("auto", "2bit", "5trit", "3trit"),
+                        help="how BitLinear weights are packed: 2bit, 5trit (1.6 bits per weight; decode needs "
+                        "AVX-512 VBMI), 3trit (1.78 bits per weight; table-lookup decode, needs AVX-512 VBMI for "
+                        "prefill) or auto, the fastest here (3trit on the avx512vbmi and amx paths, else 2bit) "
                         "(default: auto, or as --model stores them)")
     parser.add_argument("--chunk-size", type=int, metavar="N", help="prefill chunk (default: $BITNET_CHUNK_SIZE or 256)")
     parser.add_argument("--transformers", action="store_true",

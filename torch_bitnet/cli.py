@@ -140,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         "int4 in groups of 32 (28%% of the bytes: faster decode, ~10%% logit error) or bf16 as stored (exact)",
     )
     engine.add_argument(
-        "--ternary-format", choices=("auto", "2bit", "5trit"),
-        help="how the ternary weights are packed in memory: 2bit, 5trit (1.6 bits per weight: less "
-        "memory and a faster decode on CPUs with AVX-512 VBMI, slower elsewhere) or auto (5trit where "
-        "the VBMI kernel runs, else 2bit) (default: as the checkpoint stores them, else 2bit)",
+        "--ternary-format", choices=("auto", "2bit", "5trit", "3trit"),
+        help="how the ternary weights are packed in memory: 2bit, 5trit (1.6 bits per weight: the "
+        "least memory), 3trit (1.78 bits per weight: the fastest decode on CPUs with AVX-512 VBMI) or "
+        "auto (3trit where its kernels run, else 2bit); the denser formats are slow on CPUs without "
+        "AVX-512 VBMI (default: as the checkpoint stores them, else 2bit)",
     )
     engine.add_argument(
         "--kv-cache-dtype", choices=("int8", "bf16", "fp32"),

@@ -5,9 +5,9 @@ plus AMX-TILE, AMX-INT8 and the operating system's permission to use the tiles, 
 grants on request; ``avx512vbmi`` needs AVX-512 F/BW/VL/VNNI and VBMI, ``avx512`` the same
 without VBMI, ``avx2`` needs AVX2 and FMA; ``scalar`` is portable C++ and always present).
 ``avx512vbmi`` is ``avx512`` plus the kernels that stream 5-trit weights (``packing.py``) in
-decode; every other path but ``amx`` multiplies 5-trit weights by unpacking them to the 2-bit
-format first, which is correct but, for one token at a time, slower than keeping the model in
-the 2-bit format. ``amx`` is ``avx512vbmi`` with the ternary products of 12 tokens or more
+decode and unpack 3-trit weights for prefill (``avx512`` decodes 3-trit weights too); the
+paths without them multiply such weights by unpacking them to the 2-bit format first, which is
+correct but slower than keeping the model in the 2-bit format. ``amx`` is ``avx512vbmi`` with the ternary products of 12 tokens or more
 (prefill), and the int8 table's of 16 or more, on AMX tiles: 16 x 16 x 64 int8 multiply-adds
 per instruction.
 The environment variable ``TORCH_BITNET_ISA=scalar|avx2|avx512|avx512vbmi|amx`` forces one path at

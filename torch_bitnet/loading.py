@@ -10,7 +10,7 @@ cache: nothing is downloaded) in any of these layouts:
   divides);
 * float master weights (``quantization_mode`` ``online``, the ``-bf16`` repos): ternarized here;
 * torch_bitnet's own (written by :func:`save_pretrained`): already in the kernels' packed
-  form (2-bit or 5-trit, recorded in ``config.json``), loaded without any conversion.
+  form (2-bit, 5-trit or 3-trit, recorded in ``config.json``), loaded without any conversion.
 
 The model is built on the ``meta`` device and every tensor is read from the memory-mapped
 safetensors files and converted layer by layer, so no float copy of the BitNet weights
@@ -291,7 +291,7 @@ def from_pretrained(
         fuse: run each decoder layer as four fused ops (norms, activation quantization and
             the relu2 gating inside them; :func:`torch_bitnet.fuse_layers`). ``False`` keeps
             transformers' own layer forward over the same modules.
-        ternary_format: how BitLinear weights are packed, ``"2bit"``, ``"5trit"`` or ``"auto"``
+        ternary_format: how BitLinear weights are packed, ``"2bit"``, ``"5trit"``, ``"3trit"`` or ``"auto"``
             (the faster on this CPU, :func:`torch_bitnet.resolve_ternary_format`;
             :func:`torch_bitnet.set_ternary_format` says which is faster where). Default: as a
             torch_bitnet checkpoint stores them, else ``"2bit"``. Asking a torch_bitnet
@@ -549,7 +549,7 @@ def convert_checkpoint(
     copying the tokenizer files along. ``lm_head="int8"`` (or ``"int4"``) stores the embedding /
     lm_head quantized (loads faster, half (int4: 28%) the bytes of bf16; it can then only be loaded
     in that form); the default ``"bf16"`` keeps the float table, from which any form can be loaded.
-    ``ternary_format``: how the BitLinear weights are stored (``"2bit"``, ``"5trit"``, or ``"auto"``:
+    ``ternary_format``: how the BitLinear weights are stored (``"2bit"``, ``"5trit"``, ``"3trit"`` or ``"auto"``:
     the one that decodes faster on the machine converting, :func:`torch_bitnet.resolve_ternary_format`)."""
     src_path = resolve_model_path(src)
     model = from_pretrained(src_path, dtype=dtype, progress=progress, lm_head=lm_head, ternary_format=ternary_format)

@@ -49,8 +49,9 @@ class BitLinear(nn.Module):
     Buffers (all saved in ``state_dict``, in torch_bitnet's packed form):
 
     * ``weight``: the packed ternary weight (formats in :mod:`torch_bitnet.packing`): uint8
-      (out_features, ceil(in_features / 256) * 64) in the 2-bit format, or uint8
-      (out_features, ceil(in_features / 320), 64) in the 5-trit one (``ternary_format``)
+      (out_features, ceil(in_features / 256) * 64) in the 2-bit format, (out_features,
+      ceil(in_features / 320), 64) in the 5-trit one, or (ceil(out_features / 32),
+      ceil(in_features / 9), 32, 2) in the 3-trit one (``ternary_format``)
     * ``weight_scale``: float32 (1,); the layer's weight is ``W_ternary * weight_scale``
     * ``bias``: float32 (out_features,) or ``None``
 
@@ -97,7 +98,7 @@ class BitLinear(nn.Module):
 
     @property
     def ternary_format(self) -> str:
-        """``"2bit"`` or ``"5trit"``: the format of the packed ``weight``."""
+        """``"2bit"``, ``"5trit"`` or ``"3trit"``: the format of the packed ``weight``."""
         return packed_format(self.weight)
 
     # ---- constructors: each converts once, eagerly ----
@@ -114,7 +115,7 @@ class BitLinear(nn.Module):
         """From a ternary integer weight (out_features, in_features) with values in {-1, 0, 1}.
 
         ``scale``: the float the ternary weight is multiplied by; ``bias`` is added in float32.
-        ``ternary_format``: how the weight is packed (``"2bit"`` or ``"5trit"``).
+        ``ternary_format``: how the weight is packed (``"2bit"``, ``"5trit"`` or ``"3trit"``).
         """
         out_features, in_features = weight.shape
         layer = cls(
@@ -153,17 +154,16 @@ class BitLinear(nn.Module):
 
 def resolve_ternary_format(ternary_format: str = "auto") -> str:
     """The packed format ``ternary_format`` stands for: itself, or for ``"auto"`` the one that
-    runs faster on the kernel path in use now: ``"5trit"`` on ``avx512vbmi`` and ``amx`` (the
-    paths with the 5-trit decode kernel), else ``"2bit"`` (the paths without that kernel unpack
-    5-trit weights on every call). Measured at the 2B-4T shape on a 2-core Zen 4 (BENCHMARKS.md,
-    same-process A/Bs), 5-trit decodes as fast at 1 thread and as fast or faster at 2 (0.1-2.8
-    ms per token faster; 4.7 with the int4 table): faster where memory, not arithmetic, is the
-    limit. It also needs 104 MB less memory. On a 2-core Xeon with AMX (``amx``, whose prefill
-    decodes 5-trit weights straight into its tiles' layout) both formats prefilled and decoded
-    at the same speed, so there the smaller one is chosen too.
+    runs faster on the kernel path in use now: ``"3trit"`` on ``avx512vbmi`` and ``amx`` (the
+    paths that decode 3-trit weights by table lookup and prefill them straight from their
+    packing), else ``"2bit"`` (the other paths unpack the denser formats on every call). Measured
+    at the 2B-4T shape on a 2-core Xeon with AMX (BENCHMARKS.md, "3-trit weights", same-process
+    A/Bs): a decode token 1.17x (2 threads) and 1.23x (1 thread) faster than with 5-trit weights,
+    whose decode kernel is arithmetic-bound there, and 1.10x faster than with 2-bit ones; prefill
+    3-5% slower than both; 58 MB less memory than 2-bit, 46 MB more than 5-trit.
 
     Raises:
-        ValueError: ``ternary_format`` is none of ``"2bit"``, ``"5trit"``, ``"auto"``.
+        ValueError: ``ternary_format`` is none of ``"2bit"``, ``"5trit"``, ``"3trit"``, ``"auto"``.
     """
     if ternary_format not in (*FORMATS, "auto"):
         raise ValueError(
@@ -171,20 +171,22 @@ def resolve_ternary_format(ternary_format: str = "auto") -> str:
         )
     if ternary_format != "auto":
         return ternary_format
-    return "5trit" if get_isa() in ("avx512vbmi", "amx") else "2bit"
+    return "3trit" if get_isa() in ("avx512vbmi", "amx") else "2bit"
 
 
 def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     """Repack every :class:`BitLinear` of ``model`` into ``ternary_format``, in place; returns it.
 
     ``"2bit"``: 2 bits per weight, the default. ``"5trit"``: 1.6 bits per weight, 20% fewer
-    bytes for the ternary weights (104 MB less memory at the 2B-4T shape). Its decode kernel
-    needs AVX-512 VBMI (the ``avx512vbmi`` and ``amx`` paths); with it, at the 2B-4T shape on
-    this project's 2-core Zen 4, it decodes as fast as 2-bit or faster at 1 and 2 threads
-    (BENCHMARKS.md, "5-trit weights"). The other paths unpack 5-trit weights to 2 bits on every
-    call: correct, but slow in decode. Prefill runs the 2-bit kernels on unpacked rows in both
-    cases (decoded straight into the AMX tiles' layout on ``amx``).
-    ``"auto"``: the faster of the two on the current path (:func:`resolve_ternary_format`).
+    bytes for the ternary weights (104 MB less memory at the 2B-4T shape); its decode kernel
+    needs AVX-512 VBMI (the ``avx512vbmi`` and ``amx`` paths) and is arithmetic-bound on the
+    Xeon of BENCHMARKS.md (as fast as 2-bit on a Zen 4). ``"3trit"``: 16 bits per 9 weights
+    (1.78 bits, 11% fewer bytes than 2-bit), decoded by table lookups (AVX-512 BW) that stream at
+    the memory's speed, prefilled on panels decoded straight from the packing (VBMI; on ``amx``
+    into the AMX tiles' layout): the fastest decode where both run (BENCHMARKS.md, "3-trit
+    weights"). The paths without a format's kernels unpack its weights to 2 bits on every call:
+    correct, but slow.
+    ``"auto"``: the fastest on the current path (:func:`resolve_ternary_format`).
 
     Lossless (the same products bit for bit). Done eagerly, once, never inside a compiled graph:
     compile after it (a model compiled before is recompiled, as its weights changed shape).

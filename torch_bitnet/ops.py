@@ -357,8 +357,9 @@ def ternary_mm(xq: torch.Tensor, packed: torch.Tensor, in_features: int, out_fea
 
     Args:
         xq: int8 tensor (..., in_features).
-        packed: uint8 (out_features, ceil(in_features / 256) * 64) (2-bit) or (out_features,
-            ceil(in_features / 320), 64) (5-trit), see :mod:`torch_bitnet.packing`.
+        packed: uint8 (out_features, ceil(in_features / 256) * 64) (2-bit), (out_features,
+            ceil(in_features / 320), 64) (5-trit) or (ceil(out_features / 32), ceil(in_features / 9),
+            32, 2) (3-trit), see :mod:`torch_bitnet.packing`.
         in_features, out_features: the logical weight size K, N.
 
     Returns:
@@ -381,8 +382,9 @@ def bitlinear(
 
     Args:
         x: float32, bfloat16 or float16 tensor (..., in_features); any leading shape, M = 0 allowed.
-        packed: uint8 packed ternary weight, 2-bit (out_features, ceil(in_features / 256) * 64) or
-            5-trit (out_features, ceil(in_features / 320), 64).
+        packed: uint8 packed ternary weight, 2-bit (out_features, ceil(in_features / 256) * 64),
+            5-trit (out_features, ceil(in_features / 320), 64) or 3-trit (ceil(out_features / 32),
+            ceil(in_features / 9), 32, 2).
         scale: float32 tensor with one element; the weight is ``W_ternary * scale``.
         bias: optional (out_features,) float tensor, added in float32.
         in_features, out_features: logical sizes K, N (so fake kernels never read ``packed``).
@@ -619,7 +621,7 @@ def decoder_layer(
     Args:
         x: float32/bfloat16/float16 (batch, Q, hidden), the layer's input.
         packed, scales: the packed ternary weights and their scales of the q, k, v, o, gate,
-            up and down projections (2-bit or 5-trit, as :func:`bitlinear` takes them).
+            up and down projections (any format, as :func:`bitlinear` takes them).
         norms, eps: the RMSNorm weights (x's dtype) and epsilons of input_layernorm,
             attn_sub_norm, post_attention_layernorm and ffn_sub_norm.
         cos, sin: (batch, Q, head_dim) in x's dtype, the rotary tables of the queries'

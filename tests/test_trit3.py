@@ -252,8 +252,8 @@ def test_ternary_mm_3trit_largest_accumulator(isa5):
 
 
 def test_ternary_mm_3trit_threads(isa5):
-    """Row ranges of 1, 2 and 3 threads (they start and end inside 32-row tiles, and a 64-row
-    panel then spans three tiles), one call's table shared by products of two weights."""
+    """Row ranges of 1, 2 and 3 threads: a token's ranges are whole 32-row tiles but the last;
+    several tokens' start and end inside tiles (a 64-row panel then spans three of them)."""
     g = torch.Generator().manual_seed(22)
     cases = [(1, 2560, 700), (1, 300, 1000), (3, 1000, 300), (20, 700, 150), (130, 700, 150)]
     before = torch.get_num_threads()

@@ -234,6 +234,9 @@ inline uint8_t trit5_code(uint8_t c, int i) { return i < 4 ? (kTrit5.low4[c] >> 
 constexpr int64_t kGroupK3 = 9;    // weights per word
 constexpr int64_t kTileN3 = 32;    // rows per tile
 constexpr int64_t kLut3Entries = 32;  // int16 entries per group of 3 activations (27 used)
+// Tiles the decode kernel streams side by side, sharing each table vector they load (4: 1.5 ms
+// per 2B-4T token faster than 2 at 2 threads; BENCHMARKS.md, "3-trit weights").
+constexpr int kTiles3 = 4;
 
 inline int64_t pad_k3(int64_t k) { return (k + kGroupK3 - 1) / kGroupK3 * kGroupK3; }
 

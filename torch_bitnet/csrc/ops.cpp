@@ -153,14 +153,15 @@ bool take(std::atomic<uint64_t>& share, uint64_t step, bool from_front, uint64_t
 // Call run(n0, n1) over all n output rows in tiles of row_tile rows, over the thread pool. The
 // grain keeps at least ~1M multiply-adds per thread so small layers do not pay for waking
 // threads. Each thread starts on its own contiguous share of the tiles and walks it front to
-// back in chunks of ~256K multiply-adds and at least kMinChunkRows rows (one weight stream per
+// back in chunks of ~256K multiply-adds and at least min_chunk_rows rows (one weight stream per
 // thread, as the hardware prefetchers and the kernels' prefetches want); a thread that
 // finishes early takes chunks from the back of the others' shares. A static split left the
 // second thread of a 2-core decode waiting in libgomp ~15% of a token (the threads' speeds
 // differ from moment to moment on a shared machine); handing every chunk out from one shared
 // counter instead interleaved the threads' streams and was slower (BENCHMARKS.md, 2026-12-07).
 template <class Run>
-void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run& run) {
+void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run& run,
+                   int64_t min_chunk_rows = kMinChunkRows) {
   const int64_t tiles = (n + row_tile - 1) / row_tile;
   const int64_t work_per_tile = std::max<int64_t>(1, macs_per_row * row_tile);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work_per_tile);
@@ -170,7 +171,7 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
     return;
   }
   const uint64_t step = uint64_t(
-      std::max({int64_t(1), (int64_t(1) << 18) / work_per_tile, (kMinChunkRows + row_tile - 1) / row_tile}));
+      std::max({int64_t(1), (int64_t(1) << 18) / work_per_tile, (min_chunk_rows + row_tile - 1) / row_tile}));
   std::vector<Share> shares(static_cast<size_t>(threads));
   const int64_t per = (tiles + threads - 1) / threads;
   for (int64_t t = 0; t < threads; ++t) {
@@ -278,14 +279,21 @@ void gemm_parallel(const std::vector<Product>& ps) {
   const Kernels& kern = kernels();
   static std::atomic<uint64_t> calls{0};
   const uint64_t call = ++calls;  // never 0
+  // One token against 3-trit weights: threads take whole 32-row tiles, at least kTiles3 of them
+  // at a time, so the lookup kernel streams kTiles3 side by side and no tile is computed twice
+  // (16-row units and the usual chunks ran 2-3 tiles at a time: 1.06 ms per 2B-4T token slower
+  // at 2 threads; larger chunks changed nothing; BENCHMARKS.md, "3-trit weights").
+  bool lookup = false;
+  for (const Product& pr : ps) lookup = lookup || (pr.format == Packing::Trit3 && pr.p.m == 1 && kern.gemv3);
+  const int64_t row_tile = lookup ? kTileN3 : kRowTile, min_chunk = lookup ? kTiles3 * kTileN3 : kMinChunkRows;
   std::vector<int64_t> first(ps.size() + 1, 0);  // index of each product's first tile
-  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ps[i].n + kRowTile - 1) / kRowTile;
-  parallel_rows(first.back() * kRowTile, ps[0].p.m * ps[0].p.k_pad, kRowTile, [&](int64_t r0, int64_t r1) {
-    const int64_t t0 = r0 / kRowTile, t1 = (r1 + kRowTile - 1) / kRowTile;
+  for (size_t i = 0; i < ps.size(); ++i) first[i + 1] = first[i] + (ps[i].n + row_tile - 1) / row_tile;
+  parallel_rows(first.back() * row_tile, ps[0].p.m * ps[0].p.k_pad, row_tile, [&](int64_t r0, int64_t r1) {
+    const int64_t t0 = r0 / row_tile, t1 = (r1 + row_tile - 1) / row_tile;
     for (size_t i = 0; i < ps.size(); ++i) {
       const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
       if (a >= b) continue;
-      const int64_t n0 = (a - first[i]) * kRowTile, n1 = std::min(ps[i].n, (b - first[i]) * kRowTile);
+      const int64_t n0 = (a - first[i]) * row_tile, n1 = std::min(ps[i].n, (b - first[i]) * row_tile);
       if (ps[i].format == Packing::Trit5)
         gemm_trit5(kern, ps[i].p, n0, n1, ps[i].k_pad2);
       else if (ps[i].format == Packing::Trit3)
@@ -293,7 +301,7 @@ void gemm_parallel(const std::vector<Product>& ps) {
       else
         kern.gemm(ps[i].p, n0, n1);
     }
-  });
+  }, min_chunk);
 }
 
 // The product of quantized activations (M, ldq) with a packed weight, results in ep.

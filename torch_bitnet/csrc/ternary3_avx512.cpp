@@ -39,8 +39,6 @@ constexpr Lut3Digits kLut3Digits = make_lut3_digits();
 // Words between the int16 sums' widenings: a word adds three table entries of |e| <= 3 * 128
 // per row, so 28 words keep |sum| <= 32256 < 2^15.
 constexpr int64_t kWidenWords = 28;
-// Tiles (of 32 rows) one gemv3 call streams side by side, sharing each table vector they load.
-constexpr int kTiles3 = 4;
 // Bytes ahead of each tile's stream prefetched into L1 (one 2 KiB stride per stream kept the
 // standalone harness at the plain read's rate; BENCHMARKS.md).
 constexpr int64_t kPrefetch3 = 2048;

@@ -1,20 +1,17 @@
-"""The 3-trit packed ternary format (nine weights per 16-bit word, tiles of 32 rows) and the ops
-and models on 3-trit weights.
+"""The 3-trit packed ternary format (nine weights per 16-bit word, tiles of 32 rows).
 
 * Layout: pinned by hand-computed golden bytes, and round trips / ``repack`` against an
   independent decoder written from the documented word layout (not ``packing._codes``).
 * Validation: words no weights produce (an index 27-31, bit 15), non-zero padding along K and in
-  the rows past out_features, shapes, the out_features a 3-trit weight needs.
-* Kernels, on every path (``isa5``): bit for bit equal to the reference and to the same op on
-  the 2-bit packing of the same weight. M = 1 takes the table-lookup GEMV on avx512,
-  avx512vbmi and amx (each thread builds the table of the call's input); M > 1 decodes the words
-  into the AVX-512 panels on avx512vbmi (and into the AMX tiles' from 12 tokens on amx); the
-  other cases unpack 64 rows at a time to the 2-bit layout. Row ranges of 1-3 threads start and
-  end inside 32-row tiles.
+  the rows past out_features, shapes (the Python check, the op and its fake kernel), the
+  out_features a 3-trit weight needs.
 * Words no weights produce: every path ignores bit 15 and reads indices 27-31 as three zero
   weights.
-* opcheck, torch.compile(fullgraph=True), models (from_pretrained, save / load, generation on
-  every path).
+* The command line's and the bench's format options; a model packed 3-trit: the same logits,
+  saved and loaded as 3-trit, and its bytes counted by the bench.
+
+The ops on 3-trit weights, on every path, with opcheck and torch.compile, are
+tests/test_trit5.py's dense-format tests; generation, tests/test_trit5_model.py's.
 """
 
 from __future__ import annotations
@@ -24,21 +21,17 @@ import math
 
 import pytest
 import torch
-import torch._dynamo.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ops import SEEDS, XQ_KINDS, assert_bitwise_equal, make_x, make_xq
-from test_trit5 import F_LEAD, FLOAT_DTYPES, MM_LEAD, N_ANY, W_MODES, mm_oracle, random_ternary
-from transformers import AutoTokenizer
+from test_ops import SEEDS
+from test_trit5 import W_MODES, mm_oracle, random_ternary
 
 import torch_bitnet
-from torch_bitnet import BitLinear, bench, cli, reference
+from torch_bitnet import BitLinear, bench, cli
 from torch_bitnet.checkpoints import small_config, write_checkpoint
-from torch_bitnet.generate import generate
 from torch_bitnet.packing import (
     FORMATS,
     GROUP_K3,
-    MAX_IN_FEATURES,
     TILE_N3,
     TRIT3_ZERO,
     check_packed,
@@ -51,19 +44,11 @@ from torch_bitnet.packing import (
 )
 
 TMM = torch.ops.bitnet.ternary_mm.default
-BL = torch.ops.bitnet.bitlinear.default
-GLU = torch.ops.bitnet.bitlinear_relu2_glu.default
 
 # K on both sides of the 9-weight word and the 256-weight 2-bit block (Kp3 = ceil(K/9)*9):
 # 2560 -> 2565 is the 2B-4T hidden size, 6912 = 768 words its intermediate size.
 SPECIAL_K3 = [1, 8, 9, 10, 18, 255, 256, 257, 300, 2304, 2560, 6912]
 K_ANY = st.one_of(st.integers(1, 80), st.sampled_from(SPECIAL_K3), st.integers(81, 1100))
-# Upper bound on M * N * K per example (the scalar paths and the int64 oracle stay fast).
-MAC_BUDGET = 3_000_000
-
-
-def clip_n(n: int, m: int, k: int) -> int:
-    return max(1, min(n, MAC_BUDGET // max(1, m * padded_in_features(k, "3trit"))))
 
 
 # --------------------------------------------------------------------------------------
@@ -190,84 +175,9 @@ def test_wrong_shapes_rejected():
 
 
 # --------------------------------------------------------------------------------------
-# ternary_mm on 3-trit weights, every path
+# Words no weights produce: the same reading on every path (the products themselves, on every
+# path, are test_trit5.py's dense-format tests)
 # --------------------------------------------------------------------------------------
-
-
-@settings(max_examples=80)
-@given(lead=MM_LEAD, k=K_ANY, n=N_ANY, xkinds=st.lists(XQ_KINDS, min_size=1, max_size=4), wmode=W_MODES, seed=SEEDS)
-def test_ternary_mm_3trit_matches_reference(isa5, lead, k, n, xkinds, wmode, seed):
-    m = math.prod(lead)
-    n = clip_n(n, m, k)
-    w = random_ternary(n, k, torch.Generator().manual_seed(seed), wmode)
-    p3, p2 = pack_ternary(w, "3trit"), pack_ternary(w)
-    xq = make_xq(lead, k, xkinds, seed + 1)
-    out = torch_bitnet.ternary_mm(xq, p3, k, n)
-    assert out.dtype == torch.int32 and tuple(out.shape) == (*lead, n)
-    assert torch.equal(out, mm_oracle(xq.reshape(-1, k), w).reshape(*lead, n))
-    assert torch.equal(out, reference.ternary_mm(xq, p3, k, n))
-    assert torch.equal(out, torch_bitnet.ternary_mm(xq, p2, k, n))
-
-
-def test_ternary_mm_3trit_edges(isa5):
-    """Every special K, M on each kernel (1: table lookup; 2, 5: AVX-512 panels; 12, 13, 33: AMX
-    from 12 tokens; 131: more than one AVX-512 panel tile run), N with partial 16- and 32-row
-    tiles; extreme activations (-128, 127) and weight rows (all +1, all -1)."""
-    g = torch.Generator().manual_seed(12)
-    for k in SPECIAL_K3:
-        for m in (1, 2, 5, 12, 13, 33, 131):
-            for n in (5, 48, 97):
-                n = clip_n(n, m, k)
-                w = random_ternary(n, k, g)
-                w[0] = 1
-                if n > 1:
-                    w[1] = -1
-                xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-                xq[0] = -128
-                if m > 1:
-                    xq[1] = 127
-                p3 = pack_ternary(w, "3trit")
-                out = torch_bitnet.ternary_mm(xq, p3, k, n)
-                assert torch.equal(out, mm_oracle(xq, w)), (m, n, k)
-                assert out[0, 0].item() == -128 * k
-
-
-def test_ternary_mm_3trit_largest_accumulator(isa5):
-    """K = MAX_IN_FEATURES: |acc| reaches 2**24, and the table lookup's int16 partial sums hold
-    28 words of -128 * +1 (or 127 * -1) per row before they widen."""
-    k = MAX_IN_FEATURES
-    w = torch.ones((5, k), dtype=torch.int8)
-    w[1] = -1
-    w[2] = 0
-    w[3, ::2] = -1
-    p3 = pack_ternary(w, "3trit")
-    xq = torch.full((128, k), -128, dtype=torch.int8)
-    xq[1] = 127
-    two = mm_oracle(xq[:2], w)
-    for m in (1, 3, 128):
-        out = torch_bitnet.ternary_mm(xq[:m], p3, k, 5)
-        assert out[0, 0].item() == -(2**24) and out[0, 1].item() == 2**24
-        expected = torch.cat([two[:1], two[1:2], two[:1].expand(max(0, m - 2), 5)])[:m]
-        assert torch.equal(out, expected), m
-
-
-def test_ternary_mm_3trit_threads(isa5):
-    """Row ranges of 1, 2 and 3 threads: a token's ranges are whole 32-row tiles but the last;
-    several tokens' start and end inside tiles (a 64-row panel then spans three of them)."""
-    g = torch.Generator().manual_seed(22)
-    cases = [(1, 2560, 700), (1, 300, 1000), (3, 1000, 300), (20, 700, 150), (130, 700, 150)]
-    before = torch.get_num_threads()
-    try:
-        for m, k, n in cases:
-            w = random_ternary(n, k, g)
-            p3 = pack_ternary(w, "3trit")
-            xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
-            expected = mm_oracle(xq, w)
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                assert torch.equal(torch_bitnet.ternary_mm(xq, p3, k, n), expected), (m, k, n, threads)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("k", [10, 300, 2560])
@@ -293,94 +203,8 @@ def test_invalid_words_read_the_same_on_every_path(isa5, k):
 
 
 # --------------------------------------------------------------------------------------
-# bitlinear, bitlinear_relu2_glu (bitlinear_shared: test_trit5's mixed-format test takes
-# every format), opcheck, torch.compile
+# The command line, and models
 # --------------------------------------------------------------------------------------
-
-
-@settings(max_examples=40)
-@given(lead=F_LEAD, k=K_ANY, n=N_ANY, dtype=st.sampled_from(FLOAT_DTYPES), bias=st.booleans(), seed=SEEDS)
-def test_bitlinear_3trit_equals_2bit(isa5, lead, k, n, dtype, bias, seed):
-    m = math.prod(lead)
-    n = clip_n(n, m, k)
-    g = torch.Generator().manual_seed(seed)
-    w = random_ternary(n, k, g)
-    p3, p2 = pack_ternary(w, "3trit"), pack_ternary(w)
-    scale = torch.rand(1, generator=g) + 0.01
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    nw = (torch.rand(k, generator=g) + 0.5).to(dtype)
-    x = make_x(lead, k, dtype, ["normal", "ties", "zero", "nan"], seed)
-    out = torch_bitnet.bitlinear(x, p3, scale, b, k, n, nw, 1e-5)
-    assert_bitwise_equal(out, torch_bitnet.bitlinear(x, p2, scale, b, k, n, nw, 1e-5))
-    assert_bitwise_equal(out, reference.bitlinear(x, p3, scale, b, k, n, nw, 1e-5))
-
-
-@settings(max_examples=25)
-@given(lead=F_LEAD, k=K_ANY, n=N_ANY, fmts=st.sampled_from([("3trit", "3trit"), ("3trit", "5trit"), ("2bit", "3trit")]),
-       dtype=st.sampled_from(FLOAT_DTYPES), seed=SEEDS)
-def test_relu2_glu_3trit_equals_2bit(isa5, lead, k, n, fmts, dtype, seed):
-    m = math.prod(lead)
-    n = clip_n(n, 2 * m, k)
-    g = torch.Generator().manual_seed(seed)
-    wg, wu = random_ternary(n, k, g), random_ternary(n, k, g)
-    gs, us = torch.rand(1, generator=g) + 0.01, torch.rand(1, generator=g) + 0.01
-    x = make_x(lead, k, dtype, ["normal", "zero"], seed)
-    out = torch_bitnet.bitlinear_relu2_glu(x, pack_ternary(wg, fmts[0]), gs, pack_ternary(wu, fmts[1]), us, k, n)
-    expected = torch_bitnet.bitlinear_relu2_glu(x, pack_ternary(wg), gs, pack_ternary(wu), us, k, n)
-    assert_bitwise_equal(out, expected)
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def _opcheck_cases():
-    g = torch.Generator().manual_seed(4)
-
-    def p3(n, k):
-        return pack_ternary(random_ternary(n, k, g), "3trit")
-
-    cases = []
-    for lead, k, n in [((1,), 700, 5), ((3,), 300, 40), ((0, 2), 40, 3), ((2, 7), 321, 70)]:
-        xq = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
-        cases.append((f"ternary_mm-{lead}-{k}-{n}", TMM, (xq, p3(n, k), k, n)))
-    for lead in ((1,), (2, 3)):
-        x = make_x(lead, 700, torch.bfloat16, ["normal"], 1)
-        s = torch.tensor([0.3])
-        cases.append((f"bitlinear-{lead}", BL, (x, p3(9, 700), s, None, 700, 9)))
-        cases.append((f"glu-{lead}", GLU, (x, p3(6, 700), s, p3(6, 700), s, 700, 6)))
-    return cases
-
-
-OPCHECK_CASES = _opcheck_cases()
-
-
-@pytest.mark.parametrize("op,args", [c[1:] for c in OPCHECK_CASES], ids=[c[0] for c in OPCHECK_CASES])
-def test_opcheck_3trit(fresh_dynamo, op, args):
-    torch.library.opcheck(op, args)
-
-
-def test_compile_fullgraph_3trit(fresh_dynamo):
-    k, h, n = 700, 96, 40
-    g = torch.Generator().manual_seed(10)
-    w1, w2 = random_ternary(h, k, g), random_ternary(n, h, g)
-    p1, p2 = pack_ternary(w1, "3trit"), pack_ternary(w2, "3trit")
-    s1, s2 = torch.tensor([0.05]), torch.tensor([0.02])
-
-    def fn(x, a, b):
-        y = torch_bitnet.bitlinear(x, a, s1, None, k, h)
-        return torch_bitnet.bitlinear(torch.relu(y), b, s2, None, h, n)
-
-    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
-    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)
-    for m in (1, 1, 3):  # decode-shaped twice (one compilation), then a prefill shape
-        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-        got = compiled(x, p1, p2)
-        assert_bitwise_equal(got, fn(x, pack_ternary(w1), pack_ternary(w2)))
-    assert counter.frame_count == 2
 
 
 def test_cli_and_bench_offer_every_format():
@@ -428,24 +252,3 @@ def test_model_3trit_same_logits_saved_and_reloaded(checkpoint, tmp_path):
     grown = sum(math.prod(packed_shape(m.out_features, m.in_features, f)) * sign
                 for m in layers for f, sign in (("3trit", 1), ("2bit", -1)))
     assert bench.bytes_by_kind(three)["ternary"] == bench.bytes_by_kind(two)["ternary"] + grown
-
-
-def test_greedy_tokens_equal_on_every_path_3trit(checkpoint):
-    """Eager decoding: the table lookup on the AVX-512 paths, unpacking elsewhere; all give the
-    2-bit model's tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    expected = generate(torch_bitnet.from_pretrained(checkpoint), tokenizer, "Once upon", 10, compile=False, eos=False)
-    three = torch_bitnet.from_pretrained(checkpoint, ternary_format="3trit")
-    for isa in torch_bitnet.available_isas():
-        with torch_bitnet.use_isa(isa):
-            got = generate(three, tokenizer, "Once upon", 10, compile=False, eos=False)
-        assert got.token_ids == expected.token_ids, isa
-
-
-@pytest.mark.slow
-def test_compiled_generation_equals_2bit_3trit(checkpoint):
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    expected = generate(torch_bitnet.from_pretrained(checkpoint), tokenizer, "Once upon", 12, eos=False)
-    got = generate(torch_bitnet.from_pretrained(checkpoint, ternary_format="3trit"), tokenizer, "Once upon", 12,
-                   eos=False)
-    assert got.token_ids == expected.token_ids

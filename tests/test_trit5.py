@@ -1,15 +1,20 @@
-"""The 5-trit packed ternary format (five weights per byte) and every op on 5-trit weights.
+"""The 5-trit packed ternary format (five weights per byte), and every op on the denser formats
+(5-trit, and 3-trit: its layout is in tests/test_trit3.py).
 
 * Layout: pinned by hand-computed golden bytes, and round trips / ``repack`` against an
   independent decoder (a 256-entry table built from the documented byte code, not from
   ``packing._codes``).
 * Validation: all 256 byte values (243 encode five weights, the other 13 are rejected),
   non-zero padding, wrong shapes, unknown format names.
-* Kernels, on every path (``isa5``: scalar, avx2, avx512, avx512vbmi, amx): bit for bit equal to
-  ``torch_bitnet.reference`` and to the same op on the 2-bit packing of the same weight. M = 1
-  takes the VBMI decode GEMV on avx512vbmi and amx; M >= 16 on amx decodes 64 rows at a time
-  straight into the AMX kernel's panel; other M > 1 (and every M on the other paths) unpack 64
-  rows at a time to the 2-bit layout and run the 2-bit kernels.
+* Kernels, on every path (``isa5``: scalar, avx2, avx512, avx512vbmi, amx) and for both dense
+  formats (``fmt``): bit for bit equal to ``torch_bitnet.reference`` and to the same op on the
+  2-bit packing of the same weight. 5-trit: M = 1 takes the VBMI decode GEMV on avx512vbmi and
+  amx; M >= 12 on amx decodes 64 rows at a time straight into the AMX kernel's panel; other
+  M > 1 (and every M on the other paths) unpack 64 rows at a time to the 2-bit layout and run
+  the 2-bit kernels. 3-trit: M = 1 takes the table lookup on avx512, avx512vbmi and amx (threads
+  take whole 32-row tiles); M > 1 decodes into the AVX-512 panels on avx512vbmi and into the AMX
+  tiles' from 12 tokens on amx (row ranges then start inside 32-row tiles); the other paths
+  unpack to the 2-bit layout.
 * Bytes no weights produce: every path reads them through one fixed table
   (u0..u3 = 1, u4 = min(2, (c & 63) // 21)); checked against a Python decoding of that rule.
 * opcheck, torch.compile(fullgraph=True), and errors eager vs fake kernels.
@@ -56,6 +61,10 @@ GLU = torch.ops.bitnet.bitlinear_relu2_glu.default
 #   Kp2 256   256  256  512  512  512  768  768  1024  1280  2560  6912
 #   Kp5 320   320  320  320  320  640  640  960  1280  1280  2560  7040
 SPECIAL_K5 = [1, 255, 256, 300, 320, 321, 640, 700, 1000, 1280, 2560, 6912]
+# and the 3-trit format's 9-weight words (Kp3 = ceil(K/9)*9; 2304 = 256 words exactly)
+SPECIAL_K3 = [8, 9, 10, 18, 2304]
+# the formats denser than 2 bits, whose ops are tested here against the 2-bit ones
+DENSE = ["5trit", "3trit"]
 # Upper bound on M * N * max(Kp2, Kp5) per example (scalar kernel + int64 reference stay fast).
 MAC_BUDGET = 3_000_000
 
@@ -111,12 +120,12 @@ def random_ternary(n: int, k: int, g: torch.Generator, mode: str = "random", dty
     return w.to(dtype)
 
 
-def both_formats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return pack_ternary(w, "5trit"), pack_ternary(w, "2bit")
+def both_formats(w: torch.Tensor, fmt: str = "5trit") -> tuple[torch.Tensor, torch.Tensor]:
+    return pack_ternary(w, fmt), pack_ternary(w, "2bit")
 
 
 def kp_max(k: int) -> int:
-    return max(padded_in_features(k, "2bit"), padded_in_features(k, "5trit"))
+    return max(padded_in_features(k, f) for f in FORMATS)
 
 
 def clip_n(n: int, m: int, k: int, budget: int = MAC_BUDGET) -> int:
@@ -242,7 +251,7 @@ def test_packed_shape_and_padding_helpers():
 
 MODES = st.sampled_from(["random", "sparse", "neg", "zero", "pos"])
 INT_DTYPES = st.sampled_from([torch.int8, torch.int16, torch.int32, torch.int64])
-K_PACK = st.one_of(st.sampled_from(SPECIAL_K5), st.integers(1, 1500))
+K_PACK = st.one_of(st.sampled_from(SPECIAL_K5 + SPECIAL_K3), st.integers(1, 1500))
 
 
 @settings(max_examples=100)
@@ -381,7 +390,7 @@ def test_unknown_format_rejected(name):
 
 
 # --------------------------------------------------------------------------------------
-# ternary_mm on 5-trit weights, every path
+# ternary_mm on the dense formats, every path
 # --------------------------------------------------------------------------------------
 
 M_ANY = st.one_of(st.just(1), st.integers(2, 5), st.integers(6, 127), st.integers(128, 200))
@@ -395,13 +404,14 @@ N_ANY = st.one_of(st.integers(1, 300), st.sampled_from([1, 3, 4, 5, 15, 16, 17, 
 W_MODES = st.sampled_from(["random", "random", "sparse", "neg", "pos", "zero"])
 
 
+@pytest.mark.parametrize("fmt", DENSE)
 @settings(max_examples=80)
 @given(lead=MM_LEAD, k=K_PACK, n=N_ANY, xkinds=st.lists(XQ_KINDS, min_size=1, max_size=4), wmode=W_MODES, seed=SEEDS)
-def test_ternary_mm_5trit_matches_reference(isa5, lead, k, n, xkinds, wmode, seed):
+def test_ternary_mm_dense_matches_reference(isa5, fmt, lead, k, n, xkinds, wmode, seed):
     m = math.prod(lead)
     n = clip_n(n, m, k)
     w = random_ternary(n, k, torch.Generator().manual_seed(seed), wmode)
-    p5, p2 = both_formats(w)
+    p5, p2 = both_formats(w, fmt)
     xq = make_xq(lead, k, xkinds, seed + 1)
     out = torch_bitnet.ternary_mm(xq, p5, k, n)
     assert out.dtype == torch.int32 and tuple(out.shape) == (*lead, n)
@@ -411,14 +421,15 @@ def test_ternary_mm_5trit_matches_reference(isa5, lead, k, n, xkinds, wmode, see
     assert torch.equal(out, torch_bitnet.ternary_mm(xq, p2, k, n))
 
 
-def test_ternary_mm_5trit_edges(isa5):
-    """Deterministic sweep: every special K, M on each kernel (1: GEMV, 2/5: small tiles,
-    17 / 33: amx's token tiles, one and a half pairs; 131: panels), N with partial 4/16/64-row
-    tiles and several 64-row unpack tiles; extreme activation rows (-128, 127) and weight rows
-    (all -1, all +1)."""
+@pytest.mark.parametrize("fmt", DENSE)
+def test_ternary_mm_dense_edges(isa5, fmt):
+    """Deterministic sweep: every special K, M on each kernel (1: GEMV or table lookup, 2/5:
+    small tiles or AVX-512 panels, 12 / 13: amx's threshold, 17 / 33: amx's token tiles, one and a
+    half pairs; 131: panels), N with partial 4/16/32/64-row tiles and several 64-row unpack
+    tiles; extreme activation rows (-128, 127) and weight rows (all -1, all +1)."""
     g = torch.Generator().manual_seed(11)
-    for k in SPECIAL_K5:
-        for m in (1, 2, 5, 17, 33, 131):
+    for k in SPECIAL_K5 + SPECIAL_K3:
+        for m in (1, 2, 5, 12, 13, 33, 131):
             for n in (5, 65, 130):
                 n = clip_n(n, m, k)
                 w = random_ternary(n, k, g)
@@ -429,7 +440,7 @@ def test_ternary_mm_5trit_edges(isa5):
                 xq[0] = -128
                 if m > 1:
                     xq[1] = 127
-                p5, p2 = both_formats(w)
+                p5, p2 = both_formats(w, fmt)
                 out = torch_bitnet.ternary_mm(xq, p5, k, n)
                 assert torch.equal(out, mm_oracle(xq, w)), (m, n, k)
                 assert torch.equal(out, torch_bitnet.ternary_mm(xq, p2, k, n)), (m, n, k)
@@ -437,14 +448,16 @@ def test_ternary_mm_5trit_edges(isa5):
                 assert out[0, 0].item() == -128 * k
 
 
-def test_ternary_mm_5trit_largest_accumulator(isa5):
-    """K = MAX_IN_FEATURES (Kp5 = 131200 > Kp2 = 131072): |acc| reaches 2**24."""
+@pytest.mark.parametrize("fmt", DENSE)
+def test_ternary_mm_dense_largest_accumulator(isa5, fmt):
+    """K = MAX_IN_FEATURES (Kp5 = 131200 > Kp2 = 131072): |acc| reaches 2**24; the 3-trit table
+    lookup's int16 partial sums hold 28 words of -128 * +1 (or 127 * -1) before they widen."""
     k = MAX_IN_FEATURES
     w = torch.ones((5, k), dtype=torch.int8)
     w[1] = -1
     w[2] = 0
     w[3, ::2] = -1
-    p5 = pack_ternary(w, "5trit")
+    p5 = pack_ternary(w, fmt)
     xq = torch.full((128, k), -128, dtype=torch.int8)
     xq[1] = 127
     # rows 0 and 2.. are equal: the oracle of two rows covers all
@@ -456,15 +469,17 @@ def test_ternary_mm_5trit_largest_accumulator(isa5):
         assert torch.equal(out, expected), m
 
 
-def test_ternary_mm_5trit_threads(isa5):
-    """Row ranges of 1, 2 and 3 threads over 5-trit weights (ranges start mid unpack-tile)."""
+@pytest.mark.parametrize("fmt", DENSE)
+def test_ternary_mm_dense_threads(isa5, fmt):
+    """Row ranges of 1, 2 and 3 threads (they start mid unpack tile, and for several tokens mid
+    3-trit tile: a 64-row panel then spans three of them)."""
     g = torch.Generator().manual_seed(21)
-    cases = [(1, 2560, 700), (3, 1000, 300), (130, 700, 150)]
+    cases = [(1, 2560, 700), (1, 300, 1000), (3, 1000, 300), (20, 700, 150), (130, 700, 150)]
     before = torch.get_num_threads()
     try:
         for m, k, n in cases:
             w = random_ternary(n, k, g)
-            p5, _ = both_formats(w)
+            p5, _ = both_formats(w, fmt)
             xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
             expected = mm_oracle(xq, w)
             for threads in (1, 2, 3):
@@ -524,15 +539,16 @@ def _norm_weight(k, dtype, seed):
     return (torch.rand(k, generator=g) * 2 - 0.5).to(dtype)
 
 
+@pytest.mark.parametrize("fmt", DENSE)
 @settings(max_examples=50)
 @given(lead=F_LEAD, k=K_PACK, n=N_ANY, dtype=st.sampled_from(FLOAT_DTYPES), bias=st.booleans(), norm=st.booleans(),
        kinds=st.lists(ROW_KIND, min_size=1, max_size=4), wmode=W_MODES, seed=SEEDS)
-def test_bitlinear_5trit_equals_2bit(isa5, lead, k, n, dtype, bias, norm, kinds, wmode, seed):
+def test_bitlinear_dense_equals_2bit(isa5, fmt, lead, k, n, dtype, bias, norm, kinds, wmode, seed):
     m = math.prod(lead)
     n = clip_n(n, m, k)
     g = torch.Generator().manual_seed(seed)
     w = random_ternary(n, k, g, wmode)
-    p5, p2 = both_formats(w)
+    p5, p2 = both_formats(w, fmt)
     scale = torch.rand(1, generator=g) + 0.01
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     nw = _norm_weight(k, dtype, seed) if norm else None
@@ -565,9 +581,11 @@ def test_bitlinear_shared_mixed_formats(isa5, lead, k, ns, fmts, dtype, norm, se
 
 
 @settings(max_examples=30)
-@given(lead=F_LEAD, k=K_PACK, n=N_ANY, fmts=st.sampled_from([("5trit", "5trit"), ("5trit", "2bit"), ("2bit", "5trit")]),
+@given(lead=F_LEAD, k=K_PACK, n=N_ANY,
+       fmts=st.sampled_from([("5trit", "5trit"), ("5trit", "2bit"), ("2bit", "5trit"), ("3trit", "3trit"),
+                             ("3trit", "5trit"), ("2bit", "3trit")]),
        dtype=st.sampled_from(FLOAT_DTYPES), norm=st.booleans(), seed=SEEDS)
-def test_relu2_glu_5trit_equals_2bit(isa5, lead, k, n, fmts, dtype, norm, seed):
+def test_relu2_glu_dense_equals_2bit(isa5, lead, k, n, fmts, dtype, norm, seed):
     m = math.prod(lead)
     n = clip_n(n, 2 * m, k)
     g = torch.Generator().manual_seed(seed)
@@ -611,47 +629,49 @@ def test_shared_threads_split_across_5trit_weights(isa5, m):
 # --------------------------------------------------------------------------------------
 
 
-def _opcheck_cases():
+def _opcheck_cases(fmt):
     g = torch.Generator().manual_seed(3)
     cases = []
 
     def p5(n, k):
-        return pack_ternary(random_ternary(n, k, g), "5trit")
+        return pack_ternary(random_ternary(n, k, g), fmt)
 
     def p2(n, k):
         return pack_ternary(random_ternary(n, k, g), "2bit")
 
     for lead, k, n in [((3,), 700, 5), ((1,), 300, 3), ((0, 2), 40, 3), ((2, 3), 321, 70)]:
         xq = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
-        cases.append((f"ternary_mm-{lead}-{k}-{n}", TMM, (xq, p5(n, k), k, n)))
+        cases.append((f"{fmt}-ternary_mm-{lead}-{k}-{n}", TMM, (xq, p5(n, k), k, n)))
     for dtype in (torch.float32, torch.bfloat16):
         x = make_x((2, 3), 700, dtype, ["normal"], 1)
         nw = _norm_weight(700, dtype, 1)
         bias = torch.randn(9, generator=g).to(dtype)
         s = torch.tensor([0.3])
-        cases.append((f"bitlinear-{dtype}", BL, (x, p5(9, 700), s, bias, 700, 9, nw, 1e-5)))
-        cases.append((f"shared-{dtype}", SHARED, (x, [p5(9, 700), p2(4, 700), p5(3, 700)], [s, s, s], 700, [9, 4, 3],
-                                                  nw, 1e-5)))
-        cases.append((f"glu-{dtype}", GLU, (x, p5(6, 700), s, p2(6, 700), s, 700, 6, nw, 1e-5)))
+        cases.append((f"{fmt}-bitlinear-{dtype}", BL, (x, p5(9, 700), s, bias, 700, 9, nw, 1e-5)))
+        cases.append((f"{fmt}-shared-{dtype}", SHARED,
+                      (x, [p5(9, 700), p2(4, 700), p5(3, 700)], [s, s, s], 700, [9, 4, 3], nw, 1e-5)))
+        cases.append((f"{fmt}-glu-{dtype}", GLU, (x, p5(6, 700), s, p2(6, 700), s, 700, 6, nw, 1e-5)))
     x = make_x((1,), 300, torch.float16, ["normal"], 2)
-    cases.append(("glu-both5-m1", GLU, (x, p5(8, 300), torch.tensor([0.2]), p5(8, 300), torch.tensor([0.7]), 300, 8)))
-    cases.append(("bitlinear-m1", BL, (x, p5(8, 300), torch.tensor([0.2]), None, 300, 8)))
+    cases.append((f"{fmt}-glu-both-m1", GLU,
+                  (x, p5(8, 300), torch.tensor([0.2]), p5(8, 300), torch.tensor([0.7]), 300, 8)))
+    cases.append((f"{fmt}-bitlinear-m1", BL, (x, p5(8, 300), torch.tensor([0.2]), None, 300, 8)))
     return cases
 
 
-OPCHECK_CASES = _opcheck_cases()
+OPCHECK_CASES = [case for fmt in DENSE for case in _opcheck_cases(fmt)]
 
 
 @pytest.mark.parametrize("op,args", [c[1:] for c in OPCHECK_CASES], ids=[c[0] for c in OPCHECK_CASES])
-def test_opcheck_5trit(fresh_dynamo, op, args):
+def test_opcheck_dense(fresh_dynamo, op, args):
     torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_5trit(fresh_dynamo):
+@pytest.mark.parametrize("fmt", DENSE)
+def test_compile_fullgraph_dense(fresh_dynamo, fmt):
     k, h, n = 700, 96, 40
     g = torch.Generator().manual_seed(9)
-    p1 = pack_ternary(random_ternary(h, k, g), "5trit")
-    p2 = pack_ternary(random_ternary(n, h, g), "5trit")
+    p1 = pack_ternary(random_ternary(h, k, g), fmt)
+    p2 = pack_ternary(random_ternary(n, h, g), fmt)
     s1, s2 = torch.tensor([0.05]), torch.tensor([0.02])
     bias = torch.randn(h, generator=g).to(torch.bfloat16)
     nw = _norm_weight(k, torch.bfloat16, 9)
@@ -667,8 +687,8 @@ def test_compile_fullgraph_5trit(fresh_dynamo):
         got = compiled(x)
         assert_bitwise_equal(got, fn(x))
         # and the eager result itself is the 2-bit one
-        y = torch_bitnet.bitlinear(x, repack(p1, k, "2bit"), s1, bias, k, h, nw, 1e-5)
-        assert_bitwise_equal(got, torch_bitnet.bitlinear(torch.relu(y), repack(p2, h, "2bit"), s2, None, h, n))
+        y = torch_bitnet.bitlinear(x, repack(p1, k, "2bit", h), s1, bias, k, h, nw, 1e-5)
+        assert_bitwise_equal(got, torch_bitnet.bitlinear(torch.relu(y), repack(p2, h, "2bit", n), s2, None, h, n))
     assert counter.frame_count == 1
     targets = [node.target for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
     assert targets.count(torch.ops.bitnet.bitlinear.default) == 2

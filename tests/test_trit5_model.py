@@ -1,5 +1,6 @@
-"""Models with 5-trit packed weights: loading, saving, converting and repacking, generation and
-the command line. (The format and the ops on it: tests/test_trit5.py.)
+"""Models with 5-trit packed weights: loading, saving, converting and repacking, generation (and
+that of 3-trit ones) and the command line. (The formats and the ops on them: tests/test_trit5.py,
+tests/test_trit3.py.)
 
 Every 5-trit model here is compared with the same checkpoint loaded in the 2-bit format: the
 two formats hold the same ternary weights, so logits and generated tokens must be identical,
@@ -130,25 +131,28 @@ def test_format_errors(checkpoints, tmp_path):
             torch_bitnet.from_pretrained(saved)
 
 
-def test_greedy_tokens_equal_on_every_path(checkpoints):
-    """Eager decoding, one token per step: the VBMI kernel streams the 5-trit weights, the other
-    paths unpack them; all give the 2-bit model's tokens."""
+@pytest.mark.parametrize("fmt", ["5trit", "3trit"])
+def test_greedy_tokens_equal_on_every_path(checkpoints, fmt):
+    """Eager decoding, one token per step: the VBMI kernel streams the 5-trit weights and the
+    AVX-512 paths look up the 3-trit ones, the other paths unpack them; all give the 2-bit
+    model's tokens."""
     src = checkpoints["offline"]
     tokenizer = AutoTokenizer.from_pretrained(src)
     expected = generate(torch_bitnet.from_pretrained(src), tokenizer, "Once upon", 10, compile=False, eos=False)
-    five = torch_bitnet.from_pretrained(src, ternary_format="5trit")
+    dense = torch_bitnet.from_pretrained(src, ternary_format=fmt)
     for isa in torch_bitnet.available_isas():
         with torch_bitnet.use_isa(isa):
-            got = generate(five, tokenizer, "Once upon", 10, compile=False, eos=False)
+            got = generate(dense, tokenizer, "Once upon", 10, compile=False, eos=False)
         assert got.token_ids == expected.token_ids, isa
 
 
 @pytest.mark.slow
-def test_compiled_generation_equals_2bit(checkpoints):
+@pytest.mark.parametrize("fmt", ["5trit", "3trit"])
+def test_compiled_generation_equals_2bit(checkpoints, fmt):
     src = checkpoints["offline"]
     tokenizer = AutoTokenizer.from_pretrained(src)
     expected = generate(torch_bitnet.from_pretrained(src), tokenizer, "Once upon", 12, eos=False)
-    got = generate(torch_bitnet.from_pretrained(src, ternary_format="5trit"), tokenizer, "Once upon", 12, eos=False)
+    got = generate(torch_bitnet.from_pretrained(src, ternary_format=fmt), tokenizer, "Once upon", 12, eos=False)
     assert got.token_ids == expected.token_ids
 
 

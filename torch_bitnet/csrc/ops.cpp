@@ -79,13 +79,18 @@ enum class Packing { Bit2, Trit5, Trit3 };
 
 // A packed weight's format is its rank (torch_bitnet/packing.py): 2-D (N, Kp/4) is the 2-bit
 // format, 3-D (N, Kp5/320, 64) the 5-trit one, 4-D (ceil(N/32), Kp3/9, 32, 2) the 3-trit one.
+Packing packing_of(const at::Tensor& packed) {
+  return packed.dim() == 4 ? Packing::Trit3 : packed.dim() == 3 ? Packing::Trit5 : Packing::Bit2;
+}
+
+// The weight's format, after checking its dtype and its shape for the sizes.
 Packing check_packed(const at::Tensor& packed, int64_t in_features, int64_t out_features) {
   check_cpu(packed, "packed weight");
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "bitnet: packed weight must be uint8, got ",
                    packed.scalar_type());
   const int64_t row_bytes = pad_k(in_features) / 4, blocks5 = pad_k5(in_features) / kBlockK5;
   const int64_t tiles3 = (out_features + kTileN3 - 1) / kTileN3, words3 = pad_k3(in_features) / kGroupK3;
-  const Packing f = packed.dim() == 4 ? Packing::Trit3 : packed.dim() == 3 ? Packing::Trit5 : Packing::Bit2;
+  const Packing f = packing_of(packed);
   const bool ok = f == Packing::Trit3
                       ? packed.size(0) == tiles3 && packed.size(1) == words3 && packed.size(2) == kTileN3 &&
                             packed.size(3) == 2
@@ -188,10 +193,51 @@ void parallel_rows(int64_t n, int64_t macs_per_row, int64_t row_tile, const Run&
   });
 }
 
+// Rows [n0, n1) of a problem whose weight is not 2-bit, through the 2-bit kernels: each
+// kUnpackRows rows are unpacked by unpack(n, rows, dst) to 2-bit rows (k_pad2 = K rounded up to
+// 256, row stride k_pad2 / 4) and the ISA's gemm runs on them, its outputs shifted to the rows'
+// place. (Unpacking costs one pass over the weight per call: little against M tokens of
+// multiply-adds in prefill.)
+template <class Unpack>
+void gemm_unpacked(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2,
+                   const Unpack& unpack) {
+  // One thread's 2-bit rows (kUnpackRows x Kp/4 bytes), grown to the largest K seen.
+  thread_local std::vector<uint8_t> buffer;
+  const int64_t ld2 = k_pad2 / 4;
+  if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
+  const int64_t elem = dtype_size(p.ep.out_dtype);
+  for (int64_t n = n0; n < n1; n += kUnpackRows) {
+    const int64_t rows = std::min(kUnpackRows, n1 - n);
+    unpack(n, rows, buffer.data());
+    GemmProblem q = p;
+    q.w = buffer.data();
+    q.ldw = ld2;
+    q.k_pad = k_pad2;
+    if (q.ep.acc) q.ep.acc += n;
+    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * elem;
+    if (q.ep.bias) q.ep.bias += n;
+    kern.gemm(q, 0, rows);
+  }
+}
+
+// Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
+// token streams through the ISA's 5-trit kernel if it has one, several through its gemm5 if it
+// takes them; otherwise gemm_unpacked.
+void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2) {
+  if (p.m == 1 && kern.gemv5) {
+    kern.gemv5(p, n0, n1);
+    return;
+  }
+  if (kern.gemm5 && kern.gemm5(p, n0, n1)) return;
+  gemm_unpacked(kern, p, n0, n1, k_pad2, [&](int64_t n, int64_t rows, uint8_t* dst) {
+    kern.unpack5(p.w + n * p.ldw, p.k_pad, rows, dst, k_pad2);
+  });
+}
+
 // Rows [n0, n1) of a problem whose weight is 3-trit (p as for Kernels::unpack3): one token
-// through the ISA's table lookup if it has one, several through its gemm3; otherwise as
-// gemm_trit5, each kUnpackRows rows unpacked to the 2-bit format for the ISA's gemm. `call`
-// identifies the gemm_parallel call, whose products all share one quantized input.
+// through the ISA's table lookup if it has one, several through its gemm3; otherwise
+// gemm_unpacked. `call` identifies the gemm_parallel call, whose products all share one
+// quantized input.
 void gemm_trit3(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2, uint64_t call) {
   if (p.m == 1 && kern.gemv3) {
     // Each thread builds the table of the call's input once, itself (~1 us at K = 2560): no
@@ -214,53 +260,8 @@ void gemm_trit3(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n
     kern.gemm3(p, n0, n1);
     return;
   }
-  thread_local std::vector<uint8_t> buffer;  // one thread's 2-bit rows, as in gemm_trit5
-  const int64_t ld2 = k_pad2 / 4;
-  if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
-  const int64_t elem = dtype_size(p.ep.out_dtype);
-  for (int64_t n = n0; n < n1; n += kUnpackRows) {
-    const int64_t rows = std::min(kUnpackRows, n1 - n);
-    kern.unpack3(p, n, rows, buffer.data(), k_pad2);
-    GemmProblem q = p;
-    q.w = buffer.data();
-    q.ldw = ld2;
-    q.k_pad = k_pad2;
-    if (q.ep.acc) q.ep.acc += n;
-    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * elem;
-    if (q.ep.bias) q.ep.bias += n;
-    kern.gemm(q, 0, rows);
-  }
-}
-
-// Rows [n0, n1) of a problem whose weight is 5-trit (p.w, p.ldw = Kp5 / 5, p.k_pad = Kp5): one
-// token streams through the ISA's 5-trit kernel if it has one; otherwise each kUnpackRows rows
-// are unpacked to the 2-bit format (k_pad2 = K rounded up to 256) and the ISA's gemm runs on
-// them, its outputs shifted to the rows' place. (Unpacking costs one pass over the weight per
-// call: little against M tokens of multiply-adds in prefill.)
-void gemm_trit5(const Kernels& kern, const GemmProblem& p, int64_t n0, int64_t n1, int64_t k_pad2) {
-  if (p.m == 1 && kern.gemv5) {
-    kern.gemv5(p, n0, n1);
-    return;
-  }
-  if (kern.gemm5 && kern.gemm5(p, n0, n1)) return;
-  // One thread's 2-bit rows (kUnpackRows x Kp/4 bytes), grown to the largest K seen.
-  thread_local std::vector<uint8_t> buffer;
-  const int64_t ld2 = k_pad2 / 4;
-  if (buffer.size() < size_t(kUnpackRows * ld2)) buffer.resize(size_t(kUnpackRows * ld2));
-  uint8_t* rows2 = buffer.data();
-  const int64_t elem = dtype_size(p.ep.out_dtype);
-  for (int64_t n = n0; n < n1; n += kUnpackRows) {
-    const int64_t rows = std::min(kUnpackRows, n1 - n);
-    kern.unpack5(p.w + n * p.ldw, p.k_pad, rows, rows2, k_pad2);
-    GemmProblem q = p;
-    q.w = rows2;
-    q.ldw = ld2;
-    q.k_pad = k_pad2;
-    if (q.ep.acc) q.ep.acc += n;
-    if (q.ep.out) q.ep.out = static_cast<char*>(q.ep.out) + n * elem;
-    if (q.ep.bias) q.ep.bias += n;
-    kern.gemm(q, 0, rows);
-  }
+  gemm_unpacked(kern, p, n0, n1, k_pad2,
+                [&](int64_t n, int64_t rows, uint8_t* dst) { kern.unpack3(p, n, rows, dst, k_pad2); });
 }
 
 // A product of the quantized input with one packed weight of N output rows: its format, and
@@ -464,8 +465,7 @@ void ternary_into(const QuantizedInput& q, at::TensorList packed, at::TensorList
     ep.row_factor = factors.data() + i * q.m;
     ep.bias = i == 0 && bias.defined() ? bias.data_ptr<float>() : nullptr;
     ep.ld = out_features[i];
-    const Packing format = weights[i].dim() == 4 ? Packing::Trit3 : weights[i].dim() == 3 ? Packing::Trit5 : Packing::Bit2;
-    ps[i] = product(q.xq, q.k_pad, q.xsum, q.m, weights[i], format, in_features, out_features[i], ep);
+    ps[i] = product(q.xq, q.k_pad, q.xsum, q.m, weights[i], packing_of(weights[i]), in_features, out_features[i], ep);
   }
   gemm_parallel(ps);
 }

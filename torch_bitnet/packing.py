@@ -47,10 +47,12 @@ sums over 3 weights each)::
         i_m = u0 + 3*u1 + 9*u2     (m = 0, 1, 2; 0..26)
     of the codes u = w + 1 of row 32*t + r at k = 9*j + 3*m + (0, 1, 2)
 
-Nine zero weights encode as 13741 (:data:`TRIT3_ZERO`: index 13 three times). Bit 15 is never set and indices 27-31 never produced; :func:`unpack_ternary` rejects
-both, and the kernels ignore bit 15 and read indices 27-31 as three zero weights on every path.
-The padded rows are zero weights too; the weight's ``out_features`` is not in its shape, so
-:func:`unpack_ternary` and :func:`repack` need it for this format.
+Nine zero weights encode as 13741 (:data:`TRIT3_ZERO`: index 13 three times). Bit 15 is never
+set and indices 27-31 never produced; :func:`unpack_ternary` rejects both, and the kernels ignore
+bit 15 and read indices 27-31 as three zero weights on every path. The padded rows are zero
+weights too; the weight's ``out_features`` is not in its shape, so :func:`unpack_ternary` and
+:func:`repack` need it for this format. (The words are viewed as ``int16`` on the host, which is
+little-endian on every platform torch_bitnet builds for.)
 
 transformers' layout (``transformers.integrations.bitnet.pack_weights``) is different:
 uint8 (N/4, K), packed row r holds original rows r, R+r, 2R+r, 3R+r (R = N/4) in bits

@@ -15,6 +15,9 @@
 
 #define TB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define TB_AVX512_INLINE TB_AVX512 inline __attribute__((always_inline))
+// The same plus VBMI (byte permutes): the 5-trit and 3-trit weights' kernels.
+#define TB_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#define TB_VBMI_INLINE TB_VBMI inline __attribute__((always_inline))
 
 namespace tbn {
 

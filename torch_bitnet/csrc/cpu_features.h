@@ -12,8 +12,8 @@ namespace tbn {
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vbmi = 3, Amx = 4 };
 
 // Names of the paths this CPU can run, slowest first ("scalar", "avx2", "avx512", "avx512vbmi",
-// "amx"; avx512vbmi is avx512 plus the 5-trit weight kernels that need VBMI, amx is avx512vbmi
-// with the prefill products on AMX tiles).
+// "amx"; avx512vbmi is avx512 plus the 5-trit and 3-trit weight kernels that need VBMI, amx is
+// avx512vbmi with the prefill products on AMX tiles).
 std::vector<std::string> supported_isa_names();
 std::string current_isa_name();
 // Throws c10::ValueError for an unknown name and c10::Error if the CPU lacks the path.

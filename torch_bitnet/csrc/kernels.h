@@ -451,11 +451,12 @@ extern const Kernels kScalarKernels;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
-// kAvx512Kernels plus the AVX-512 VBMI 5-trit kernels (ternary5_avx512.cpp).
+// kAvx512Kernels plus the AVX-512 VBMI kernels of the 5-trit and 3-trit weights.
 extern const Kernels kAvx512VbmiKernels;
 // kAvx512VbmiKernels with the AMX prefill gemm (kernels_amx.cpp).
 extern const Kernels kAmxKernels;
-// k with the VBMI 5-trit kernels (ternary5_avx512.cpp): kAvx512VbmiKernels is
+// k with the VBMI 5-trit kernels (ternary5_avx512.cpp) and the 3-trit prefill panels
+// (gemm3_panels_avx512): kAvx512VbmiKernels is
 // with_vbmi(kAvx512Kernels), and kAmxKernels starts from the same.
 Kernels with_vbmi(Kernels k);
 #endif

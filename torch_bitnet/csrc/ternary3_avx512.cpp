@@ -10,8 +10,6 @@
 #include "avx512_common.h"
 #include "kernels.h"
 
-#define TB_VBMI3 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
-
 namespace tbn {
 namespace {
 
@@ -107,8 +105,9 @@ TB_AVX512 void lut3_avx512(const int8_t* xq, int64_t k_pad3, int16_t* lut) {
   }
 }
 
-// Whole tiles, kTiles3 at a time; a tile's rows outside [n0, n1) (a chunk may start or end mid
-// tile) are computed and not stored. The sums are of w * x; the epilogue wants u * x = w * x + x.
+// Whole tiles, kTiles3 at a time; a tile's rows outside [n0, n1) are computed and not stored
+// (ops.cpp hands a token's rows out in whole tiles, but the last tile of a weight whose N is not
+// a multiple of 32 ends inside). The sums are of w * x; the epilogue wants u * x = w * x + x.
 TB_AVX512 void gemv3_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
   alignas(64) int32_t sums[kTiles3][kTileN3];
   const __m512i xsum = _mm512_set1_epi32(p.xsum[0]);
@@ -193,7 +192,7 @@ constexpr PanelGather kPanelGather = make_panel_gather();
 // kPanelWords3 words (of every tile the panel's rows touch) at a time: the words' codes decoded
 // k-major (two VPERMW per index, VPERMB splitting the byte pairs), then each 4 k regathered per
 // 16-row panel vector (one VPERMT2B), the panel written in order.
-TB_VBMI3 void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
+TB_VBMI void unpack3_panel_avx512(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* panel) {
   const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3;
   const __m512i pairs = _mm512_loadu_si512(kTrit3Pairs.pairs), third = _mm512_loadu_si512(kTrit3Pairs.third);
   const __m512i split = _mm512_loadu_si512(kByteSplit.idx);

@@ -9,8 +9,6 @@
 #include "avx512_common.h"
 #include "kernels.h"
 
-#define TB_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
-#define TB_VBMI_INLINE TB_VBMI inline __attribute__((always_inline))
 
 namespace tbn {
 namespace {

@@ -1,27 +1,50 @@
 // The portable 3-trit -> 2-bit unpacking (format: kernels.h, torch_bitnet/packing.py).
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
 namespace tbn {
+namespace {
 
-// Row n's word of group j is 16-bit word n % 32 of vector j of tile n / 32. Weight k of a 2-bit
-// row is bits 2 (k % 256 / 64) of byte 64 (k / 256) + k % 64.
+// The codes of index i as bytes 0-2 of a word (byte 3 zero): one 4-byte store writes them.
+struct Trit3Codes {
+  uint32_t c[32];
+};
+
+constexpr Trit3Codes make_trit3_codes() {
+  Trit3Codes t{};
+  for (unsigned i = 0; i < 32; ++i)
+    t.c[i] = uint32_t(trit3_code(i, 0)) | uint32_t(trit3_code(i, 1)) << 8 | uint32_t(trit3_code(i, 2)) << 16;
+  return t;
+}
+
+constexpr Trit3Codes kTrit3Codes = make_trit3_codes();
+
+}  // namespace
+
+// Row by row: the row's words (one per 64-byte vector of its tile: the tile, 18 KB at K = 2560,
+// stays in L1 over its 32 rows) decoded into one code byte per k, then the 2-bit bytes built
+// from them (byte 64 b + j of the row holds the codes of k = 256 b + 64 i + j at bits 2i).
 void unpack3_scalar(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, int64_t k_pad2) {
-  const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3, row_bytes = k_pad2 / 4;
+  const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3;
+  thread_local std::vector<uint8_t> codes;  // one row's codes; 4 bytes of slack for the last store
+  codes.resize(size_t(std::max(k_pad2, k_pad3) + 4));
+  uint8_t* c = codes.data();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = n + r;
-    const uint8_t* tile = p.w + row / kTileN3 * p.ldw + 2 * (row % kTileN3);
-    uint8_t* dst = w2 + r * row_bytes;
-    std::memset(dst, 0, size_t(row_bytes));
-    for (int64_t k = 0; k < k_pad2; ++k) {
-      uint8_t code = 1;  // beyond Kp3: zero weights
-      if (k < k_pad3) {
-        const int64_t j = k / kGroupK3, in_word = k % kGroupK3;
-        const unsigned word = unsigned(tile[64 * j]) | unsigned(tile[64 * j + 1]) << 8;
-        code = trit3_code((word >> (5 * (in_word / 3))) & 31u, int(in_word % 3));
-      }
-      dst[64 * (k / 256) + k % 64] |= uint8_t(code << (2 * (k % 256 / 64)));
+    const uint8_t* word = p.w + row / kTileN3 * p.ldw + 2 * (row % kTileN3);
+    for (int64_t j = 0; j < words; ++j, word += 64) {
+      const unsigned x = unsigned(word[0]) | unsigned(word[1]) << 8;
+      for (int m = 0; m < 3; ++m) std::memcpy(c + kGroupK3 * j + 3 * m, &kTrit3Codes.c[(x >> (5 * m)) & 31u], 4);
+    }
+    if (k_pad2 > k_pad3) std::memset(c + k_pad3, 1, size_t(k_pad2 - k_pad3));  // beyond Kp3: zero weights
+    uint8_t* dst = w2 + r * (k_pad2 / 4);
+    for (int64_t b = 0; b < k_pad2 / 256; ++b) {
+      const uint8_t* s = c + 256 * b;
+      for (int j = 0; j < 64; ++j)
+        dst[64 * b + j] = uint8_t(s[j] | s[64 + j] << 2 | s[128 + j] << 4 | s[192 + j] << 6);
     }
   }
 }

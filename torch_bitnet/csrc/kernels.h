@@ -495,6 +495,16 @@ void store_rows_avx512(const GemmProblem& p, int64_t m, int64_t count, int64_t n
                        int64_t ld_sums, uint16_t keep);
 #endif
 
+// One row of k_pad2 code bytes (u = w + 1, one per k) -> its 2-bit row (k_pad2 / 4 bytes): byte
+// 64 b + j holds the codes of k = 256 b + 64 i + j at bits 2i. The portable unpackings' last step.
+inline void pack_codes_2bit(const uint8_t* codes, int64_t k_pad2, uint8_t* dst) {
+  for (int64_t b = 0; b < k_pad2 / 256; ++b) {
+    const uint8_t* s = codes + 256 * b;
+    for (int j = 0; j < 64; ++j)
+      dst[64 * b + j] = uint8_t(s[j] | s[64 + j] << 2 | s[128 + j] << 4 | s[192 + j] << 6);
+  }
+}
+
 // The portable unpack3 (ternary3_scalar.cpp), used by every table.
 void unpack3_scalar(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, int64_t k_pad2);
 

@@ -26,7 +26,7 @@ constexpr Trit3Codes kTrit3Codes = make_trit3_codes();
 
 // Row by row: the row's words (one per 64-byte vector of its tile: the tile, 18 KB at K = 2560,
 // stays in L1 over its 32 rows) decoded into one code byte per k, then the 2-bit bytes built
-// from them (byte 64 b + j of the row holds the codes of k = 256 b + 64 i + j at bits 2i).
+// from them.
 void unpack3_scalar(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, int64_t k_pad2) {
   const int64_t words = p.ldw / 64, k_pad3 = words * kGroupK3;
   thread_local std::vector<uint8_t> codes;  // one row's codes; 4 bytes of slack for the last store
@@ -40,12 +40,7 @@ void unpack3_scalar(const GemmProblem& p, int64_t n, int64_t rows, uint8_t* w2, 
       for (int m = 0; m < 3; ++m) std::memcpy(c + kGroupK3 * j + 3 * m, &kTrit3Codes.c[(x >> (5 * m)) & 31u], 4);
     }
     if (k_pad2 > k_pad3) std::memset(c + k_pad3, 1, size_t(k_pad2 - k_pad3));  // beyond Kp3: zero weights
-    uint8_t* dst = w2 + r * (k_pad2 / 4);
-    for (int64_t b = 0; b < k_pad2 / 256; ++b) {
-      const uint8_t* s = c + 256 * b;
-      for (int j = 0; j < 64; ++j)
-        dst[64 * b + j] = uint8_t(s[j] | s[64 + j] << 2 | s[128 + j] << 4 | s[192 + j] << 6);
-    }
+    pack_codes_2bit(c, k_pad2, w2 + r * (k_pad2 / 4));
   }
 }
 

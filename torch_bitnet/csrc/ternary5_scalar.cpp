@@ -1,27 +1,31 @@
 // The portable 5-trit -> 2-bit unpacking (format: kernels.h, torch_bitnet/packing.py).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 #include "kernels.h"
 
 namespace tbn {
 
-// Both formats store 64 consecutive weights per 64-byte chunk: chunk q (weights 64q .. 64q + 63)
-// is digit q % 5 of 5-trit block q / 5 and bits 2 (q % 4) of 2-bit block q / 4.
+// Row by row: each 5-trit block's 64 bytes decoded into one code byte per k (chunk i of the block
+// is the 64 k from 320 b + 64 i: digit i of its bytes), then the 2-bit bytes built from them.
 void unpack5_scalar(const uint8_t* w5, int64_t k_pad5, int64_t rows, uint8_t* w2, int64_t k_pad2) {
-  const int64_t chunks5 = k_pad5 / 64, chunks2 = k_pad2 / 64;
+  thread_local std::vector<uint8_t> codes;  // one row's codes
+  codes.resize(size_t(std::max(k_pad5, k_pad2)));
+  uint8_t* c = codes.data();
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* src = w5 + r * (k_pad5 / 5);
-    uint8_t* dst = w2 + r * (k_pad2 / 4);
-    std::memset(dst, 0, size_t(k_pad2 / 4));
-    for (int64_t q = 0; q < chunks2; ++q) {
-      uint8_t* d = dst + 64 * (q / 4);
-      const int shift = int(2 * (q % 4));
-      if (q >= chunks5) {  // beyond Kp5: zero weights, code 1
-        for (int j = 0; j < 64; ++j) d[j] |= uint8_t(1u << shift);
-        continue;
-      }
-      const uint8_t* s = src + 64 * (q / 5);
-      const int digit = int(q % 5);
-      for (int j = 0; j < 64; ++j) d[j] |= uint8_t(trit5_code(s[j], digit) << shift);
+    for (int64_t b = 0; b < k_pad5 / kBlockK5; ++b) {
+      const uint8_t* s = src + 64 * b;
+      uint8_t* cb = c + kBlockK5 * b;
+      uint8_t low4[64];
+      for (int j = 0; j < 64; ++j) low4[j] = kTrit5.low4[s[j]];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 64; ++j) cb[64 * i + j] = uint8_t((low4[j] >> (2 * i)) & 3);
+      for (int j = 0; j < 64; ++j) cb[256 + j] = kTrit5.u4[s[j] & 63];
     }
+    if (k_pad2 > k_pad5) std::memset(c + k_pad5, 1, size_t(k_pad2 - k_pad5));  // beyond Kp5: zero weights
+    pack_codes_2bit(c, k_pad2, w2 + r * (k_pad2 / 4));
   }
 }
 

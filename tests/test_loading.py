@@ -185,12 +185,13 @@ def test_saved_weights_are_64_byte_aligned(checkpoints, tmp_path, lm_head, terna
     assert all(b.data_ptr() % ALIGNMENT == 0 for b in _kernel_inputs(again))
 
 
-def test_save_over_the_checkpoint_the_model_was_loaded_from(checkpoints, tmp_path):
-    """The model's weights are memory-mapped from the file save_pretrained replaces: the new
-    file is written beside it and renamed, so the weights read while writing stay intact (the
-    way to align an old file, as the warning says)."""
+def test_save_over_the_checkpoint_the_model_was_loaded_from(checkpoints, tmp_path, monkeypatch):
+    """The model's weights are memory-mapped from the file save_pretrained replaces (here they
+    stay in the map: no place_weights): the new file is written beside it and renamed, so the
+    weights read while writing stay intact (the way to align an old file, as the warning says)."""
     from safetensors.torch import save_file
 
+    monkeypatch.setenv("TORCH_BITNET_HUGE_PAGES", "0")
     model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head="int8")
     first = torch_bitnet.save_pretrained(model, tmp_path / "saved")
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
@@ -214,12 +215,14 @@ def test_aligned_writer_rejects_dtypes_safetensors_cannot_name(tmp_path):
         _save_aligned({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "x.safetensors", {})
 
 
-def test_unaligned_checkpoint_loads_with_a_warning(checkpoints, tmp_path):
+def test_unaligned_checkpoint_loads_with_a_warning(checkpoints, tmp_path, monkeypatch):
     """A file written the old way (safetensors' save_file: tensors ordered by dtype, header padded
-    to 8 bytes) still loads, to the same model, with a warning that says how to align it."""
+    to 8 bytes) still loads, to the same model, with a warning that says how to align it (where
+    the weights stay in the file's memory map: place_weights would copy them to aligned places)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    monkeypatch.setenv("TORCH_BITNET_HUGE_PAGES", "0")
     model = torch_bitnet.from_pretrained(checkpoints["odd", "offline"], dtype=torch.float32, lm_head="int8")
     saved = torch_bitnet.save_pretrained(model, tmp_path / "saved")
     with safe_open(str(saved / PACKED_FILE), framework="pt") as f:

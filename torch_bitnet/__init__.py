@@ -57,6 +57,7 @@ from .ops import (
     stream_max,
     ternary_mm,
 )
+from .memory import place_weights
 from .packing import from_hf_packed, pack_ternary, repack, ternarize, to_hf_packed, unpack_ternary
 from .patch import patch, replace_linear
 
@@ -97,6 +98,7 @@ __all__ = [
     "get_isa",
     "pack_ternary",
     "packing",
+    "place_weights",
     "quantize_act",
     "quantize_int4_rows",
     "quantize_int8_rows",

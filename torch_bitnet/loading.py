@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
+from .memory import huge_pages_available, place_weights
 from .int4 import int4_shapes, quantize_int4_rows
 from .int8 import int8_shape, quantize_int8_rows
 from .nn import (
@@ -408,7 +409,8 @@ def from_pretrained(
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval().requires_grad_(False)
-    if ours and not packed_file_aligned(path):
+    # (place_weights copies the weights to aligned places anyway where it runs)
+    if ours and not huge_pages_available() and not packed_file_aligned(path):
         warnings.warn(
             f"torch_bitnet: {path / PACKED_FILE} stores its packed weights at offsets that are not multiples of "
             f"{ALIGNMENT} bytes (it was written by an older torch_bitnet), so every vector load of them spans two "
@@ -418,6 +420,7 @@ def from_pretrained(
         )
     if ternary_format is not None:
         set_ternary_format(model, ternary_format)
+    place_weights(model)
     if fuse:
         fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)

@@ -21,6 +21,7 @@ from . import ops
 from .isa import get_isa
 from .int4 import check_int4_sizes, dequantize_int4_rows, int4_shapes, quantize_int4_rows
 from .int8 import check_int8_sizes, dequantize_int8_rows, int8_shape, quantize_int8_rows
+from .memory import place_weights
 from .packing import (
     FORMATS,
     check_features,
@@ -195,7 +196,7 @@ def set_ternary_format(model: nn.Module, ternary_format: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, BitLinear) and module.ternary_format != ternary_format:
             module.weight = repack(module.weight, module.in_features, ternary_format, module.out_features)
-    return model
+    return place_weights(model)
 
 
 def _float_table(embedding: nn.Embedding | torch.Tensor, cls: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .fuse import fuse_layers
 from .kv_cache import set_kv_cache_dtype
+from .memory import place_weights
 from .nn import BitLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .packing import from_hf_packed
 from .training import QATLinear
@@ -112,6 +113,7 @@ def patch(
         )
     logger.info("torch_bitnet.patch: converted %d BitNet layers", converted)
     quantize_head(model, lm_head)
+    place_weights(model)
     if fuse:
         fuse_layers(model)
     return set_kv_cache_dtype(model, kv_cache_dtype)
@@ -206,6 +208,8 @@ def replace_linear(
     if replaced == 0:
         warnings.warn("torch_bitnet.replace_linear: no nn.Linear layer matched; the model is unchanged", stacklevel=2)
         return model
+    if not qat:
+        place_weights(model)
     if hasattr(model, "config") and not qat:
         set_kv_cache_dtype(model, kv_cache_dtype)
     return model

@@ -28,7 +28,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["huge_pages_available", "place_weights"]
+__all__ = ["huge_page_buffer", "huge_pages_available", "place_weights"]
 
 _ALIGN = 64  # each weight starts on a cache line, as the kernels' loads want
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -47,6 +47,22 @@ def huge_pages_available() -> bool:
             return "[never]" not in f.read()
     except OSError:
         return False
+
+
+def _huge_mapping(nbytes: int) -> mmap.mmap:
+    """An anonymous private mapping of nbytes advised MADV_HUGEPAGE before any page is touched."""
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of nbytes in the memory place_weights puts weights in (an ordinary one where
+    huge pages are not available): what the benchmarks read to measure the bandwidth the
+    weights' pages give."""
+    if not huge_pages_available():
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.frombuffer(_huge_mapping(nbytes), dtype=torch.uint8)
 
 
 def _packed_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -111,16 +127,14 @@ def place_weights(model: nn.Module) -> nn.Module:
         placed_already = placed_already and _placed.get(id(tensor)) is tensor
     if not users or placed_already:
         return model
-    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
-    arena = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched
+    mapping = _huge_mapping(sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values()))
     file_ranges = _file_ranges()
     offset = 0
     for ptr, holders in users.items():
         module, name = holders[0]
         source = getattr(module, name)
-        # its own storage over the arena (torch.frombuffer keeps the mapping alive)
-        placed = torch.frombuffer(arena, dtype=source.dtype, count=source.numel(), offset=offset).view(source.shape)
+        # its own storage over the arena's mapping (torch.frombuffer keeps the mapping alive)
+        placed = torch.frombuffer(mapping, dtype=source.dtype, count=source.numel(), offset=offset).view(source.shape)
         placed.copy_(source)
         for holder, attr in holders:
             setattr(holder, attr, placed)

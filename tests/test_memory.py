@@ -5,7 +5,6 @@ tests check the placement itself and that results do not change."""
 from __future__ import annotations
 
 import mmap
-import os
 
 import numpy as np
 import pytest

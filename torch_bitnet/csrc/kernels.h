@@ -242,6 +242,10 @@ inline int64_t pad_k3(int64_t k) { return (k + kGroupK3 - 1) / kGroupK3 * kGroup
 
 // Code d (0..2) of index i: its base-3 digit d, or 1 (a zero weight) for i >= 27.
 constexpr uint8_t trit3_code(unsigned i, int d) { return i >= 27 ? 1 : uint8_t(d == 0 ? i % 3 : d == 1 ? i / 3 % 3 : i / 9); }
+// The three codes of index i as bytes 0-2 of a word (byte 3 zero): the kernels' tables start here.
+constexpr uint32_t trit3_codes(unsigned i) {
+  return uint32_t(trit3_code(i, 0)) | uint32_t(trit3_code(i, 1)) << 8 | uint32_t(trit3_code(i, 2)) << 16;
+}
 
 // ---- int8 per-row weights: the lm_head / embedding table (format: torch_bitnet/int8.py) ----
 // codes uint8 (N, Kp), Kp = K rounded up to 64, code = w + 128 with w in [-127, 127] (128 in

@@ -26,8 +26,7 @@ constexpr Lut3Digits make_lut3_digits() {
   Lut3Digits t{};
   for (int h = 0; h < 2; ++h)
     for (int l = 0; l < 16; ++l) {
-      const unsigned i = unsigned(8 * (l / 4) + l % 4 + 4 * h);
-      t.d[h][l] = uint32_t(trit3_code(i, 0)) | uint32_t(trit3_code(i, 1)) << 8 | uint32_t(trit3_code(i, 2)) << 16;
+      t.d[h][l] = trit3_codes(unsigned(8 * (l / 4) + l % 4 + 4 * h));
     }
   return t;
 }
@@ -147,8 +146,8 @@ struct Trit3Pairs {
 constexpr Trit3Pairs make_trit3_pairs() {
   Trit3Pairs t{};
   for (unsigned i = 0; i < 32; ++i) {
-    t.pairs[i] = int16_t(trit3_code(i, 0) | trit3_code(i, 1) << 8);
-    t.third[i] = int16_t(trit3_code(i, 2));
+    t.pairs[i] = int16_t(trit3_codes(i) & 0xFFFF);
+    t.third[i] = int16_t(trit3_codes(i) >> 16);
   }
   return t;
 }

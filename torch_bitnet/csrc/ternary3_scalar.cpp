@@ -8,15 +8,14 @@
 namespace tbn {
 namespace {
 
-// The codes of index i as bytes 0-2 of a word (byte 3 zero): one 4-byte store writes them.
+// trit3_codes of every index: one 4-byte store writes an index's codes.
 struct Trit3Codes {
   uint32_t c[32];
 };
 
 constexpr Trit3Codes make_trit3_codes() {
   Trit3Codes t{};
-  for (unsigned i = 0; i < 32; ++i)
-    t.c[i] = uint32_t(trit3_code(i, 0)) | uint32_t(trit3_code(i, 1)) << 8 | uint32_t(trit3_code(i, 2)) << 16;
+  for (unsigned i = 0; i < 32; ++i) t.c[i] = trit3_codes(i);
   return t;
 }
 

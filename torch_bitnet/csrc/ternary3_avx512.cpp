@@ -136,8 +136,8 @@ constexpr int64_t kPanelWords3 = 32;
 // without it a third of the unpacking's time stalled on their loads.
 constexpr int64_t kUnpackPrefetch3 = 1024;
 
-// The two tables of the decoding: kPairs[i] = codes 0 and 1 of index i (low, high byte),
-// kThird[i] = code 2 (trit3_code: indices 27-31 are three zero weights).
+// The two tables of the decoding: pairs[i] = codes 0 and 1 of index i (low, high byte),
+// third[i] = code 2 (trit3_code: indices 27-31 are three zero weights).
 struct Trit3Pairs {
   int16_t pairs[32];
   int16_t third[32];

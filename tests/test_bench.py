@@ -37,12 +37,17 @@ def test_bytes_by_kind_counts_every_tensor_once(checkpoint):
 @pytest.mark.slow
 def test_bench_command_measures_in_a_child_and_writes_json(checkpoint, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = cli.main(["bench", "--model", str(checkpoint), "--prompt-len", "16", "--new-tokens", "4", "--threads", "1",
-                     "--kv-cache-dtype", "bf16", "--ternary-format", "5trit", "--json", str(out)])
+    code = cli.main(["bench", "--model", str(checkpoint), "--prompt-len", "16,24", "--new-tokens", "4", "--threads",
+                     "1", "--kv-cache-dtype", "bf16", "--ternary-format", "5trit", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "prompt tok/s" in printed and "decode tok/s" in printed and "read bandwidth" in printed
-    run = json.loads(out.read_text())["torch_bitnet"][0]
+    assert "prompt 16,24" in printed  # the header names both configurations
+    runs = json.loads(out.read_text())["torch_bitnet"]
+    assert [r["prompt_len"] for r in runs] == [16, 24]  # one configuration per prompt length
+    # bf16 cache of prompt + 4 positions: 2 layers x (K, V) x 2 kv heads x 32 dims x 2 bytes per position
+    assert [r["kv_cache_bytes"] for r in runs] == [2 * 2 * 2 * 32 * 2 * 20, 2 * 2 * 2 * 32 * 2 * 28]
+    run = runs[0]
     assert run["threads"] == 1 and run["kv_cache_dtype"] == "bf16" and run["ternary_format"] == "5trit"
     assert run["isa"] in torch_bitnet.available_isas()
     for key in ("load_s", "compile_cold_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "stream_gb_s", "peak_rss_mb"):
@@ -51,16 +56,33 @@ def test_bench_command_measures_in_a_child_and_writes_json(checkpoint, tmp_path,
     assert run["warm_step_from_disk"] and run["compile_warm_s"] < run["compile_cold_s"]
     assert run["peak_rss_warm_mb"] > 0 and run["decode_tok_s_warm"] > 0
     assert run["peak_rss_mb"] >= run["load_peak_rss_mb"]
-    # bf16 cache of 20 positions: 2 layers x (K, V) x 2 kv heads x 32 dims x 2 bytes per position
-    assert run["kv_cache_bytes"] == 2 * 2 * 2 * 32 * 2 * 20
 
 
 def test_bench_errors_are_usage_errors(tmp_path, capsys):
     code = cli.main(["bench", "--model", str(tmp_path), "--threads", "1"])
     assert code == 2 and "config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["bench", "--threads", "0"])
-    assert exc.value.code == 2
+    for option, value, message in (("--threads", "0", "thread counts"), ("--prompt-len", "512,x", "prompt lengths"),
+                                   ("--prompt-len", "0", "prompt lengths")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["bench", option, value])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def _run(threads: int, prompt_len: int, decode: float) -> dict:
+    return {"threads": threads, "prompt_len": prompt_len, "prefill_tok_s": 100.0, "decode_tok_s": decode}
+
+
+def test_plot_is_against_threads_or_the_prompt_length():
+    # one prompt length: x is the thread count, a line per implementation
+    results = {"torch_bitnet": [_run(2, 512, 30.0), _run(1, 512, 16.0)], "transformers": [_run(1, 512, 0.1)]}
+    x_key, lines = bench._plot_series(results)
+    assert x_key == "threads" and list(lines) == ["torch_bitnet", "transformers"]
+    assert [r["threads"] for r in lines["torch_bitnet"]] == [1, 2]  # sorted along x
+    # several prompt lengths: x is the prompt length, a line per implementation and thread count
+    results = {"torch_bitnet": [_run(1, 2048, 14.0), _run(1, 512, 16.0), _run(2, 512, 30.0), _run(2, 2048, 26.0)]}
+    x_key, lines = bench._plot_series(results)
+    assert x_key == "prompt_len" and list(lines) == ["torch_bitnet, 1 thread", "torch_bitnet, 2 threads"]
+    assert [r["decode_tok_s"] for r in lines["torch_bitnet, 2 threads"]] == [30.0, 26.0]
 
 
 def _script(name: str):

@@ -2,10 +2,11 @@
 
     torch-bitnet bench                          # random weights, shape of bitnet-b1.58-2B-4T
     torch-bitnet bench --threads 1,2 --plot threads.png --json out.json
+    torch-bitnet bench --prompt-len 512,1024,2048,4096 --plot context.png   # decode against context
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
     torch-bitnet bench --ternary-format 2bit      # weights packed 2 bits each (default: auto)
 
-Each configuration (one per thread count) runs twice, each time in a fresh child process, so
+Each configuration (one per thread count and prompt length) runs twice, each time in a fresh child process, so
 each peak RSS is its own process's. A run: the RSS of the runtime alone (Python, torch,
 transformers, torch_bitnet, before any weight), load the model (seconds, peak RSS after
 loading), prepare the decode step, prefill a prompt (time to first token, prompt tokens/s),
@@ -19,6 +20,8 @@ The first (cold) run starts from an empty inductor cache and compiles the decode
 second (warm) run is a later session of the same model: it loads the step the first one saved
 (:mod:`torch_bitnet.step_cache`). The table shows the cold run's figures and, from the warm
 run, the seconds the step took to load ("load warm s") and the peak RSS ("warm peak MB").
+``--plot`` draws prompt and decode tokens/s against the prompt length (the context the decode
+starts from) when several are given, else against the thread count.
 
 The default model is written once into ``--workdir`` (random ternary weights in the exact
 on-disk format of microsoft/bitnet-b1.58-2B-4T, converted to torch_bitnet's packed layout;
@@ -259,6 +262,7 @@ def measure(
     stream = _stream_gbs(torch.get_num_threads())
     return {
         "threads": torch.get_num_threads(),
+        "prompt_len": prompt_len,
         "kv_cache_dtype": session.kv_cache_dtype,
         "lm_head": lm_head,
         "ternary_format": next(m.ternary_format for m in model.modules() if isinstance(m, BitLinear)),
@@ -308,6 +312,7 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
         decode_s = time.perf_counter() - start
     return {
         "threads": torch.get_num_threads(),
+        "prompt_len": prompt_len,
         "runtime_rss_mb": runtime_rss,
         "load_s": load_s,
         "ttft_s": ttft,
@@ -317,10 +322,10 @@ def measure_transformers(path: Path, *, prompt_len: int, new_tokens: int) -> dic
     }
 
 
-def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache_dir: str) -> dict:
+def _child(which: str, path: Path, threads: int, prompt_len: int, args: argparse.Namespace, cache_dir: str) -> dict:
     """Run one measurement in a fresh Python process; returns its JSON result."""
     spec = {
-        "which": which, "path": str(path), "threads": threads, "prompt_len": args.prompt_len,
+        "which": which, "path": str(path), "threads": threads, "prompt_len": prompt_len,
         "new_tokens": args.new_tokens if which == "ours" else args.transformers_new_tokens,
         "kv_cache_dtype": args.kv_cache_dtype, "lm_head": args.lm_head, "chunk_size": args.chunk_size,
         "ternary_format": args.ternary_format,
@@ -335,7 +340,8 @@ def _child(which: str, path: Path, threads: int, args: argparse.Namespace, cache
         stdout=subprocess.PIPE, text=True, env=env,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"the {which} benchmark at {threads} threads failed (exit status {proc.returncode})")
+        raise RuntimeError(f"the {which} benchmark at {threads} threads, prompt {prompt_len}, failed "
+                           f"(exit status {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -355,7 +361,7 @@ def _worker(spec_json: str) -> None:
 
 
 _COLUMNS = [
-    ("threads", "threads", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
+    ("threads", "threads", "d"), ("prompt_len", "prompt", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
     ("compile_warm_s", "load warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
     ("decode_tok_s", "decode tok/s", ".2f"), ("decode_gb_s", "decode GB/s", ".1f"), ("stream_gb_s", "read GB/s", ".1f"),
     ("runtime_rss_mb", "runtime MB", ".0f"), ("load_peak_rss_mb", "load peak MB", ".0f"),
@@ -374,18 +380,32 @@ def format_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _plot_series(results: dict[str, list[dict]]) -> tuple[str, dict[str, list[dict]]]:
+    """What :func:`_plot` draws: the x key, ``prompt_len`` when the runs have several prompt
+    lengths, else ``threads``; and the lines, label -> runs sorted by x (one line per
+    implementation, and per thread count when x is the prompt length)."""
+    x_key = "prompt_len" if len({r["prompt_len"] for runs in results.values() for r in runs}) > 1 else "threads"
+    lines: dict[str, list[dict]] = {}
+    for name, runs in results.items():
+        for r in runs:
+            label = name if x_key == "threads" else f"{name}, {r['threads']} thread{'s' * (r['threads'] > 1)}"
+            lines.setdefault(label, []).append(r)
+    return x_key, {label: sorted(runs, key=lambda r: r[x_key]) for label, runs in lines.items()}
+
+
 def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    x_key, lines = _plot_series(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prompt tokens/s"), (axes[1], "decode_tok_s", "decode tokens/s")):
-        for name, runs in results.items():
-            ax.plot([r["threads"] for r in runs], [r[key] for r in runs], marker="o", label=name)
-        ax.set_xticks(sorted({r["threads"] for runs in results.values() for r in runs}))
-        ax.set_xlabel("threads")
+        for label, runs in lines.items():
+            ax.plot([r[x_key] for r in runs], [r[key] for r in runs], marker="o", label=label)
+        ax.set_xticks(sorted({r[x_key] for runs in lines.values() for r in runs}))
+        ax.set_xlabel("prompt tokens (decode context)" if x_key == "prompt_len" else "threads")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -397,23 +417,30 @@ def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _threads_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected thread counts like 2 or 1,2, got {text!r}")
-    return values
+def _positive_list(what: str, example: str):
+    """An argparse type: comma-separated positive integers."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected {what} like {example}, got {text!r}")
+        return values
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options (shared by ``torch-bitnet bench`` and ``python -m torch_bitnet.bench``)."""
     parser.add_argument("--model", type=Path, metavar="PATH",
                         help="a BitNet checkpoint directory (default: random weights at the 2B-4T shape)")
-    parser.add_argument("--threads", type=_threads_list, default=[os.cpu_count() or 1], metavar="N[,N...]",
+    parser.add_argument("--threads", type=_positive_list("thread counts", "2 or 1,2"), default=[os.cpu_count() or 1],
+                        metavar="N[,N...]",
                         help="thread counts to run, one child process each (default: all cores)")
-    parser.add_argument("--prompt-len", type=int, default=512, metavar="N", help="prompt tokens (default 512)")
+    parser.add_argument("--prompt-len", type=_positive_list("prompt lengths", "512 or 512,2048"), default=[512],
+                        metavar="N[,N...]", help="prompt tokens, one configuration each (default 512)")
     parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decoded tokens (default 128)")
     parser.add_argument("--kv-cache-dtype", choices=("int8", "bf16", "fp32"),
                         help="KV cache storage (default: $BITNET_KV_CACHE_DTYPE or int8)")
@@ -433,7 +460,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=default_workdir(), metavar="DIR",
                         help=f"where the default checkpoint is written once, ~1.7 GB (default {default_workdir()})")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="plot tokens/s against threads (needs matplotlib)")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="plot tokens/s against the prompt length if several are given, else against threads "
+                        "(needs matplotlib)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -452,12 +481,13 @@ def run(args: argparse.Namespace) -> dict:
         ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers,
                                           ternary_format=args.ternary_format or resolve_ternary_format())
     results: dict[str, list[dict]] = {"torch_bitnet": []}
-    for threads in args.threads:
+    for threads, prompt_len in [(t, p) for t in args.threads for p in args.prompt_len]:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:
-            print(f"torch_bitnet, {threads} threads, cold ...", file=sys.stderr)
-            cold = _child("ours", ours, threads, args, cache_dir)
-            print(f"torch_bitnet, {threads} threads, warm (a second session) ...", file=sys.stderr)
-            warm = _child("ours", ours, threads, args, cache_dir)
+            config = f"{threads} threads, prompt {prompt_len}"
+            print(f"torch_bitnet, {config}, cold ...", file=sys.stderr)
+            cold = _child("ours", ours, threads, prompt_len, args, cache_dir)
+            print(f"torch_bitnet, {config}, warm (a second session) ...", file=sys.stderr)
+            warm = _child("ours", ours, threads, prompt_len, args, cache_dir)
             if cold["step_from_disk"] or not warm["step_from_disk"]:
                 print("warning: the warm run did not load the step the cold run compiled", file=sys.stderr)
             results["torch_bitnet"].append({
@@ -467,12 +497,14 @@ def run(args: argparse.Namespace) -> dict:
                 "warm_step_from_disk": warm["step_from_disk"],
             })
             if theirs is not None:
-                print(f"transformers, {threads} threads ...", file=sys.stderr)
-                results.setdefault("transformers", []).append(_child("transformers", theirs, threads, args, cache_dir))
+                print(f"transformers, {config} ...", file=sys.stderr)
+                results.setdefault("transformers", []).append(
+                    _child("transformers", theirs, threads, prompt_len, args, cache_dir))
     first = results["torch_bitnet"][0]
     header = (
         f"CPU: {cpu_model()} | torch {torch.__version__} | {datetime.date.today().isoformat()} | "
-        f"model: {args.model or 'random weights, bitnet-b1.58-2B-4T shape'} | prompt {args.prompt_len}, "
+        f"model: {args.model or 'random weights, bitnet-b1.58-2B-4T shape'} | "
+        f"prompt {','.join(map(str, args.prompt_len))}, "
         f"decode {args.new_tokens} | KV cache {first['kv_cache_dtype']} | lm_head {first['lm_head']} | "
         f"ternary {first['ternary_format']} | ISA {first['isa']}"
     )
@@ -483,10 +515,11 @@ def run(args: argparse.Namespace) -> dict:
           + f" | KV cache MB: {first['kv_cache_bytes'] / 1e6:.0f} | decode reads {first['decode_bytes_per_token'] / 1e6:.0f}"
           " MB/token")
     for ours_run in results["torch_bitnet"]:
-        print(f"{ours_run['threads']} threads: decode streams {ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the "
-              f"machine's read bandwidth measured in the same run")
+        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: decode streams "
+              f"{ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the machine's read bandwidth measured in "
+              "the same run")
     for ours_run, theirs_run in zip(results["torch_bitnet"], results.get("transformers", [])):
-        print(f"{ours_run['threads']} threads vs transformers: prefill "
+        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}, vs transformers: prefill "
               f"{ours_run['prefill_tok_s'] / theirs_run['prefill_tok_s']:.1f}x, decode "
               f"{ours_run['decode_tok_s'] / theirs_run['decode_tok_s']:.0f}x, peak RSS "
               f"{ours_run['peak_rss_mb'] / theirs_run['peak_rss_mb']:.2f}x")

@@ -406,6 +406,7 @@ def _plot(results: dict[str, list[dict]], path: Path, header: str) -> None:
             ax.plot([r[x_key] for r in runs], [r[key] for r in runs], marker="o", label=label)
         ax.set_xticks(sorted({r[x_key] for runs in lines.values() for r in runs}))
         ax.set_xlabel("prompt tokens (decode context)" if x_key == "prompt_len" else "threads")
+        ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -510,12 +511,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     print(header)
     print(format_table(results))
-    sizes = first["weight_bytes"]
-    print("weights MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in sizes.items())
-          + f" | KV cache MB: {first['kv_cache_bytes'] / 1e6:.0f} | decode reads {first['decode_bytes_per_token'] / 1e6:.0f}"
-          " MB/token")
+    print("weights MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in first["weight_bytes"].items()))
     for ours_run in results["torch_bitnet"]:
-        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: decode streams "
+        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: KV cache {ours_run['kv_cache_bytes'] / 1e6:.0f}"
+              f" MB, decode reads {ours_run['decode_bytes_per_token'] / 1e6:.0f} MB/token and streams "
               f"{ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the machine's read bandwidth measured in "
               "the same run")
     for ours_run, theirs_run in zip(results["torch_bitnet"], results.get("transformers", [])):

@@ -21,6 +21,7 @@ hold both copies at once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import weakref
@@ -93,6 +94,12 @@ def _file_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library's functions (madvise), loaded once."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _release_pages(ptr: int, nbytes: int, file_ranges: list[tuple[int, int]]) -> None:
     """Drop this process's mapping of the whole pages of [ptr, ptr + nbytes) if they lie in a file
     mapping: they read back from the file if touched again (torch_bitnet never writes a loaded
@@ -102,8 +109,7 @@ def _release_pages(ptr: int, nbytes: int, file_ranges: list[tuple[int, int]]) ->
     page = mmap.PAGESIZE
     first, last = -(-ptr // page) * page, (ptr + nbytes) // page * page
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def place_weights(model: nn.Module) -> nn.Module:

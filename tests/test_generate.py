@@ -462,6 +462,24 @@ def test_sample_top_k_and_top_p_keep_the_right_tokens():
     assert int(sample(logits)) == 1  # temperature 0: argmax
 
 
+@given(
+    rows=st.integers(1, 3),
+    vocab=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    specials=st.lists(st.tuples(st.integers(0, 299), st.sampled_from([math.inf, -math.inf, math.nan, 0.0, 1.0])),
+                      max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_greedy_sample_is_argmax(rows, vocab, dtype, specials, seed):
+    """temperature 0 takes the first largest logit, as torch.argmax does: ties (few distinct
+    values), infinities and NaN included."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 4, (rows, vocab), generator=g).to(dtype)  # many ties
+    for i, (column, value) in enumerate(specials):
+        logits[i % rows, column % vocab] = value
+    assert torch.equal(sample(logits), logits.argmax(dim=-1, keepdim=True))
+
+
 def _nucleus_by_full_sort(x: torch.Tensor, top_k, top_p) -> list[float]:
     """The logits sample() may draw from, by the plain definition: sort the whole row, keep the
     top_k largest and any equal to the k-th, then the tokens before which the cumulative

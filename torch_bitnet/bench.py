@@ -211,7 +211,7 @@ def measure(
     import torch
     from tqdm.auto import tqdm
 
-    from .generate import _static_attention, prefill, prepare
+    from .generate import _static_attention, prefill, prepare, sample
     from .isa import get_isa
     from .loading import from_pretrained
     from .nn import BitLinear
@@ -237,14 +237,14 @@ def measure(
         session.reset()
         start = time.perf_counter()
         logits = prefill(model, ids, session.cache, chunk_size)
-        token = logits.argmax(-1, keepdim=True)
+        token = sample(logits)  # greedy, as generate
         ttft = time.perf_counter() - start
         stages.update()
         stages.set_postfix_str("decode")
         position = torch.tensor([prompt_len])
         start = time.perf_counter()
         for i in range(new_tokens):
-            token = session.step(model, token, position, same_as_last=i > 0).argmax(-1, keepdim=True)
+            token = sample(session.step(model, token, position, same_as_last=i > 0))
             position += 1
         decode_s = time.perf_counter() - start
     peak = _peak_rss_mb()  # load + compile + prefill + decode: one generate run

@@ -606,7 +606,9 @@ def sample(
         ValueError: a row holding a NaN or +inf, or only -inf.
     """
     if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
+        # The first largest, as argmax: torch.max's reduction finds it ~3x faster at a 128,256-token
+        # vocabulary (150 against 250 us per decode token on 2 threads, BENCHMARKS.md).
+        return logits.max(dim=-1, keepdim=True).indices
     tokens = [_sample_row(row / temperature, top_k, top_p, generator) for row in logits.float()]
     return torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(1)
 

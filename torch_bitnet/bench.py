@@ -2,19 +2,19 @@
 
     torch-bitnet bench                          # random weights, shape of bitnet-b1.58-2B-4T
     torch-bitnet bench --threads 1,2 --plot threads.png --json out.json
-    torch-bitnet bench --prompt-len 512,1024,2048,4096 --plot context.png   # decode against context
+    torch-bitnet bench --prompt-len 512,1024,2048 --plot context.png   # against the context
     torch-bitnet bench --model PATH --prompt-len 256 --new-tokens 64
     torch-bitnet bench --ternary-format 2bit      # weights packed 2 bits each (default: auto)
 
-Each configuration (one per thread count and prompt length) runs twice, each time in a fresh child process, so
-each peak RSS is its own process's. A run: the RSS of the runtime alone (Python, torch,
-transformers, torch_bitnet, before any weight), load the model (seconds, peak RSS after
-loading), prepare the decode step, prefill a prompt (time to first token, prompt tokens/s),
-decode new tokens with the compiled step (tokens/s), then the peak RSS of that whole run (what
-one ``generate`` call of this size holds at most), the model's bytes by kind, the KV cache
-bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
-threads) next to the bandwidth the decode achieved: bytes one decode token reads (every
-weight but the embedding table, plus the KV cache at the mean context) times tokens/s.
+Each configuration (one per thread count and prompt length) runs twice, each time in a fresh
+child process, so each peak RSS is its own process's. A run: the RSS of the runtime alone
+(Python, torch, transformers, torch_bitnet, before any weight), load the model (seconds, peak
+RSS after loading), prepare the decode step, prefill a prompt (time to first token, prompt
+tokens/s), decode new tokens with the compiled step (tokens/s), then the peak RSS of that whole
+run (what one ``generate`` call of this size holds at most), the model's bytes by kind, the KV
+cache bytes, and the machine's read bandwidth (:func:`torch_bitnet.stream_max` over 1 GiB, same
+threads) next to the bandwidth the decode achieved: bytes one decode token reads (every weight
+but the embedding table, plus the KV cache at the mean context) times tokens/s.
 
 The first (cold) run starts from an empty inductor cache and compiles the decode step; the
 second (warm) run is a later session of the same model: it loads the step the first one saved
@@ -361,7 +361,8 @@ def _worker(spec_json: str) -> None:
 
 
 _COLUMNS = [
-    ("threads", "threads", "d"), ("prompt_len", "prompt", "d"), ("load_s", "load s", ".1f"), ("compile_cold_s", "compile cold s", ".1f"),
+    ("threads", "threads", "d"), ("prompt_len", "prompt", "d"), ("load_s", "load s", ".1f"),
+    ("compile_cold_s", "compile cold s", ".1f"),
     ("compile_warm_s", "load warm s", ".1f"), ("ttft_s", "TTFT s", ".2f"), ("prefill_tok_s", "prompt tok/s", ".1f"),
     ("decode_tok_s", "decode tok/s", ".2f"), ("decode_gb_s", "decode GB/s", ".1f"), ("stream_gb_s", "read GB/s", ".1f"),
     ("runtime_rss_mb", "runtime MB", ".0f"), ("load_peak_rss_mb", "load peak MB", ".0f"),
@@ -513,8 +514,9 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(results))
     print("weights MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in first["weight_bytes"].items()))
     for ours_run in results["torch_bitnet"]:
-        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: KV cache {ours_run['kv_cache_bytes'] / 1e6:.0f}"
-              f" MB, decode reads {ours_run['decode_bytes_per_token'] / 1e6:.0f} MB/token and streams "
+        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: KV cache "
+              f"{ours_run['kv_cache_bytes'] / 1e6:.0f} MB, decode reads {ours_run['decode_bytes_per_token'] / 1e6:.0f} "
+              "MB/token and streams "
               f"{ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the machine's read bandwidth measured in "
               "the same run")
     for ours_run, theirs_run in zip(results["torch_bitnet"], results.get("transformers", [])):

@@ -58,9 +58,12 @@ def test_bench_command_measures_in_a_child_and_writes_json(checkpoint, tmp_path,
     assert run["peak_rss_mb"] >= run["load_peak_rss_mb"]
 
 
-def test_bench_errors_are_usage_errors(tmp_path, capsys):
+def test_bench_errors_are_usage_errors(checkpoint, tmp_path, capsys):
     code = cli.main(["bench", "--model", str(tmp_path), "--threads", "1"])
     assert code == 2 and "config.json" in capsys.readouterr().err
+    # 4000 + 128 positions: past the small model's 4096, refused before any child runs
+    code = cli.main(["bench", "--model", str(checkpoint), "--prompt-len", "512,4000", "--threads", "1"])
+    assert code == 2 and "--prompt-len 4000 + --new-tokens 128 exceed the model's 4096 positions" in capsys.readouterr().err
     for option, value, message in (("--threads", "0", "thread counts"), ("--prompt-len", "512,x", "prompt lengths"),
                                    ("--prompt-len", "0", "prompt lengths")):
         with pytest.raises(SystemExit) as exc:

@@ -482,6 +482,13 @@ def run(args: argparse.Namespace) -> dict:
     else:
         ours, theirs = prepare_checkpoint(args.workdir, lm_head=args.lm_head, transformers_copy=args.transformers,
                                           ternary_format=args.ternary_format or resolve_ternary_format())
+    # A run's cache holds prompt + new tokens: past the model's positions its rotary embedding
+    # is one it was never trained for, and the figures would be of another model.
+    limit = json.loads((ours / "config.json").read_text()).get("max_position_embeddings")
+    for prompt_len in args.prompt_len:
+        if limit and prompt_len + args.new_tokens > limit:
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {args.new_tokens} exceed the model's {limit} "
+                             "positions (max_position_embeddings)")
     results: dict[str, list[dict]] = {"torch_bitnet": []}
     for threads, prompt_len in [(t, p) for t in args.threads for p in args.prompt_len]:
         with tempfile.TemporaryDirectory(prefix="torch_bitnet_inductor_") as cache_dir:

@@ -382,7 +382,7 @@ def run_bench(args) -> int:
             raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     try:
         run(args)
-    except (OSError, RuntimeError) as err:  # a missing checkpoint, a failed child process
+    except (OSError, RuntimeError, ValueError) as err:  # a missing checkpoint, a failed child, too many positions
         raise UsageError(str(err)) from None
     return 0
 

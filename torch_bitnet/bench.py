@@ -381,6 +381,10 @@ def format_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _threads(run: dict) -> str:
+    return f"{run['threads']} thread{'s' * (run['threads'] > 1)}"
+
+
 def _plot_series(results: dict[str, list[dict]]) -> tuple[str, dict[str, list[dict]]]:
     """What :func:`_plot` draws: the x key, ``prompt_len`` when the runs have several prompt
     lengths, else ``threads``; and the lines, label -> runs sorted by x (one line per
@@ -389,7 +393,7 @@ def _plot_series(results: dict[str, list[dict]]) -> tuple[str, dict[str, list[di
     lines: dict[str, list[dict]] = {}
     for name, runs in results.items():
         for r in runs:
-            label = name if x_key == "threads" else f"{name}, {r['threads']} thread{'s' * (r['threads'] > 1)}"
+            label = name if x_key == "threads" else f"{name}, {_threads(r)}"
             lines.setdefault(label, []).append(r)
     return x_key, {label: sorted(runs, key=lambda r: r[x_key]) for label, runs in lines.items()}
 
@@ -521,13 +525,13 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(results))
     print("weights MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in first["weight_bytes"].items()))
     for ours_run in results["torch_bitnet"]:
-        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}: KV cache "
+        print(f"{_threads(ours_run)}, prompt {ours_run['prompt_len']}: KV cache "
               f"{ours_run['kv_cache_bytes'] / 1e6:.0f} MB, decode reads {ours_run['decode_bytes_per_token'] / 1e6:.0f} "
               "MB/token and streams "
               f"{ours_run['decode_gb_s'] / ours_run['stream_gb_s']:.0%} of the machine's read bandwidth measured in "
               "the same run")
     for ours_run, theirs_run in zip(results["torch_bitnet"], results.get("transformers", [])):
-        print(f"{ours_run['threads']} threads, prompt {ours_run['prompt_len']}, vs transformers: prefill "
+        print(f"{_threads(ours_run)}, prompt {ours_run['prompt_len']}, vs transformers: prefill "
               f"{ours_run['prefill_tok_s'] / theirs_run['prefill_tok_s']:.1f}x, decode "
               f"{ours_run['decode_tok_s'] / theirs_run['decode_tok_s']:.0f}x, peak RSS "
               f"{ours_run['peak_rss_mb'] / theirs_run['peak_rss_mb']:.2f}x")

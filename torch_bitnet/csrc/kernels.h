@@ -559,6 +559,7 @@ void int4_gemm_scalar(const Int4Problem& p, int64_t n0, int64_t n1);
 #if defined(__x86_64__) || defined(_M_X64)
 void int4_gemm_avx2(const Int4Problem& p, int64_t n0, int64_t n1);
 void int4_gemm_avx512(const Int4Problem& p, int64_t n0, int64_t n1);
+void int4_gemm_avx512_prefetch(const Int4Problem& p, int64_t n0, int64_t n1);  // the AMX path's
 #endif
 
 // Embedding lookup: out row i (d values of dtype dt) = (u[ids[i], k] - 8) * scale[ids[i], k / 32]

@@ -177,6 +177,7 @@ Kernels with_amx(Kernels k) {
   k.gemm5 = gemm5_amx;
   k.gemm3 = gemm3_amx;
   k.int8_gemm = int8_gemm_amx;
+  k.int4_gemm = int4_gemm_avx512_prefetch;  // Intel cores want the software prefetch (int4_avx512.cpp)
   k.attention_partial = attention_partial_amx;
   return k;
 }

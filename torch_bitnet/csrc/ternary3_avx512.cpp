@@ -36,9 +36,10 @@ constexpr Lut3Digits kLut3Digits = make_lut3_digits();
 // Words between the int16 sums' widenings: a word adds three table entries of |e| <= 3 * 128
 // per row, so 28 words keep |sum| <= 32256 < 2^15.
 constexpr int64_t kWidenWords = 28;
-// Bytes ahead of each tile's stream prefetched into L1 (one 2 KiB stride per stream kept the
-// standalone harness at the plain read's rate; BENCHMARKS.md).
-constexpr int64_t kPrefetch3 = 2048;
+// Bytes ahead of each tile's stream prefetched into L1: 1 KiB streamed 2-3% faster than 2 KiB
+// in a standalone harness (256 B and 4 KiB ~12% slower), and a whole decode step 0.8% faster
+// (BENCHMARKS.md, eleventh session).
+constexpr int64_t kPrefetch3 = 1024;
 
 // Sums of w * x of NT tiles from tile t0, all of K: sums[t][r] for row r of tile t0 + t.
 template <int NT>

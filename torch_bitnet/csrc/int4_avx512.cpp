@@ -48,15 +48,15 @@ TB_AVX512_INLINE void store16(const Int4Problem& p, int64_t at, __mmask16 rows, 
 }
 
 
-// Bytes ahead of the line being read that kPrefetch tiles prefetch into L1 (1-2 KiB measured
-// best on the Xeon, see int4_gemm_avx512_prefetch).
-constexpr int64_t kInt4Prefetch = 1024;
+// Bytes ahead of the line being read that kPrefetch tiles prefetch into L2 (measured on the
+// Xeon, see int4_gemm_avx512_prefetch: 4-8 KiB into L2 best, 1-2 KiB into L1 less).
+constexpr int64_t kInt4Prefetch = 4096;
 
 // MR tokens (m ..) x the 16 rows of tile t, the whole K; `rows` masks the rows that exist.
 // A tile is one contiguous run of 16 x Kp / 2 bytes (and its scales one of 16 x Kp / 16), read
 // front to back: a sequential stream. On the Zen 4 the hardware prefetcher follows it at memory
 // speed, and software prefetch (as in int8_avx512.cpp, 1-16 KiB ahead) made a decode step
-// 10-60% slower; on the Xeon (AMX path) a prefetch kInt4Prefetch ahead of every line is 1.11-1.13x
+// 10-60% slower; on the Xeon (AMX path) a prefetch kInt4Prefetch ahead of every line is 1.11-1.33x
 // faster (kPrefetch). The chunk's later token tiles find the tile in L1.
 template <int MR, bool kPrefetch>
 TB_AVX512 void tile(const Int4Problem& p, int64_t m, int64_t t, __mmask16 rows) {
@@ -101,7 +101,7 @@ TB_AVX512 void tile(const Int4Problem& p, int64_t m, int64_t t, __mmask16 rows) 
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {  // the group's 4 lines
         const int64_t line = 4 * (g + h) + c;
-        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + 64 * line) + kInt4Prefetch, _MM_HINT_T0);
+        if (kPrefetch) _mm_prefetch(reinterpret_cast<const char*>(w + 64 * line) + kInt4Prefetch, _MM_HINT_T1);
         const __m512i v = _mm512_loadu_si512(w + 64 * line);
         const __m512i lo = _mm512_and_si512(v, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -161,8 +161,9 @@ void gemm_tiles(const Int4Problem& p, int64_t n0, int64_t n1) {
 void int4_gemm_avx512(const Int4Problem& p, int64_t n0, int64_t n1) { gemm_tiles<false>(p, n0, n1); }
 
 // The AMX path's (Intel server cores): the 2B-4T int4 table's one-token product in 2 MiB pages
-// took 6.82 against 7.70 ms (2 threads) and 12.37 against 13.74 (1 thread) with the prefetch,
-// and a whole int4-table decode step 32.56 against 33.38 ms (BENCHMARKS.md).
+// took 6.19 against 8.25 ms (2 threads) and 13.06 against 14.47 (1 thread) with the prefetch,
+// and a whole int4-table decode step 30.80 against 31.42 ms with it against a 1 KiB one into
+// L1 (BENCHMARKS.md).
 void int4_gemm_avx512_prefetch(const Int4Problem& p, int64_t n0, int64_t n1) { gemm_tiles<true>(p, n0, n1); }
 
 }  // namespace tbn
